@@ -1,0 +1,107 @@
+"""Backend selection: "xla" (pure JAX), "cuda" (FFI kernels) or "auto".
+
+"auto" is decided when the computation is lowered, per platform, with
+`lax.platform_dependent`: a CUDA lowering uses the kernels, every other
+platform the xla backend. It needs the compiled extension and a registered
+`Buffer` for the axis; without them "auto" is the xla backend. The choice is
+logged once per reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from typing import Optional
+
+from jax import lax
+
+from .. import config as config_lib
+from . import xla
+
+log = logging.getLogger("jax_ep")
+_said: set = set()
+
+BACKENDS = ("auto", "xla", "cuda")
+
+
+def _say_once(msg: str) -> None:
+    if msg not in _said:
+        _said.add(msg)
+        log.info(msg)
+
+
+def cuda_module():
+    """The cuda backend module, or None when the extension is not built."""
+    try:
+        from . import cuda
+    except ImportError:
+        return None
+    return cuda if cuda.available() else None
+
+
+def select(backend: str, axis_name, buffer, *, mode: str, **shape) -> tuple:
+    """Returns (kind, buffer_id) with kind in {"xla", "cuda", "auto"}."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "xla":
+        return "xla", 0
+    from ..buffer import lookup
+
+    cuda = cuda_module()
+    if cuda is None:
+        if backend == "cuda":
+            raise RuntimeError(
+                "backend='cuda' needs the compiled jax_ep CUDA extension (jax_ep._ext); "
+                "see BUILD.md, or use backend='xla'"
+            )
+        _say_once("jax_ep: backend 'auto' -> xla (the CUDA extension is not built)")
+        return "xla", 0
+    buf = lookup(axis_name, buffer, required=(backend == "cuda"))
+    if buf is None:
+        _say_once(
+            f"jax_ep: backend 'auto' -> xla for axis {axis_name!r} (no jax_ep.Buffer "
+            "registered; create one to use the CUDA kernels)"
+        )
+        return "xla", 0
+    buf.check_call(mode=mode, **shape)
+    _say_once(f"jax_ep: backend {backend!r} -> CUDA kernels on GPUs for axis {axis_name!r}")
+    return ("cuda" if backend == "cuda" else "auto"), buf.buffer_id
+
+
+def num_sms(config) -> int:
+    return config_lib.resolve(config).num_sms
+
+
+def _auto(name: str, cuda):
+    """A function that lowers to cuda.<name> on CUDA and xla.<name> elsewhere."""
+
+    def call(*args, **kwargs):
+        return lax.platform_dependent(
+            *args,
+            cuda=lambda *a: getattr(cuda, name)(*a, **kwargs),
+            default=lambda *a: getattr(xla, name)(*a, **kwargs),
+        )
+
+    return call
+
+
+def _impl(kind: str, names):
+    if kind == "xla":
+        return xla
+    cuda = cuda_module()
+    if cuda is None:
+        raise RuntimeError("the jax_ep CUDA extension is not available in this process")
+    if kind == "cuda":
+        return cuda
+    return types.SimpleNamespace(**{n: _auto(n, cuda) for n in names})
+
+
+def normal_impl(meta):
+    return _impl(meta.backend, ("dispatch", "combine", "redispatch"))
+
+
+def low_latency_impl(meta):
+    return _impl(
+        meta.backend,
+        ("ll_dispatch_send", "ll_dispatch_recv", "ll_combine_send", "ll_combine_recv"),
+    )

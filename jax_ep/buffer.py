@@ -1,0 +1,236 @@
+"""`jax_ep.Buffer`: the communication memory of one EP group.
+
+Created once, outside `jit`. On GPUs with the CUDA extension it allocates the
+peer-visible memory of every device of the group in this process, maps the
+peers (CUDA IPC through the `jax.distributed` key-value store across
+processes, peer access inside one process), checks that all ranks agree on
+its configuration and registers itself under a deterministic id, so a cached
+executable finds it again in a new process. Elsewhere it only validates its
+arguments and reports sizes: the xla backend needs no buffer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from typing import Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import fp8 as fp8_lib
+
+_REGISTRY: Dict[Tuple[Tuple[str, ...], str], "Buffer"] = {}
+
+
+def _axes(axis_name) -> Tuple[str, ...]:
+    return (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Byte offsets of one rank's buffer (mirrored by cc/runtime.h)."""
+
+    num_ranks: int
+    hidden: int
+    max_tokens: int
+    top_k: int
+    num_experts: int
+    elem_bytes: int
+    low_latency: bool
+
+    ALIGN = 256
+
+    def _regions(self):
+        R, H, T, K = self.num_ranks, self.hidden, self.max_tokens, self.top_k
+        el = self.num_experts // R
+        es = self.elem_bytes
+        kr = min(K, el)
+        a = self.ALIGN
+        up = lambda n: (n + a - 1) // a * a
+        half = [
+            ("x_stage", up(T * max(H * es, H + 4 * H // fp8_lib.BLOCK))),
+            ("idx_stage", up(T * K * 4)),
+            ("w_stage", up(T * K * 4)),
+            ("comb_recv", up(R * T * H * es)),
+            ("vals_recv", up(R * T * K * 4)),
+        ]
+        local = [
+            ("inbox", up(R * 8)),
+            ("control", up(64 * 4)),
+            ("route_rank", up(R * T * kr * 4)),
+            ("route_cnt", up(el * R * 4 + 4)),
+        ]
+        if self.low_latency:
+            m = T
+            msg = up(H * 2 + 16)
+            half += [("ll_recv", up(el * R * m * msg)), ("ll_comb", up(self.num_experts * m * H * 2))]
+            local += [("ll_count", up(el * R * 8))]
+        return half, local
+
+    def offsets(self) -> Dict[str, int]:
+        half, local = self._regions()
+        out, off = {}, 0
+        half_bytes = sum(n for _, n in half)
+        for h in range(2):
+            for name, n in half:
+                out[f"{name}{h}"] = off
+                off += n
+        for name, n in local:
+            out[name] = off
+            off += n
+        out["half_bytes"] = half_bytes
+        out["total"] = off
+        return out
+
+    @property
+    def total_bytes(self) -> int:
+        return self.offsets()["total"]
+
+
+class Buffer:
+    """Communication memory for one EP group (DESIGN 4).
+
+    Args:
+      mesh:                the `jax.sharding.Mesh` of the computation.
+      axis_name:           the EP axis, or a tuple of axes; the other mesh axes
+                           form independent groups, each with its own memory.
+      hidden:              largest H a call will move.
+      max_tokens_per_rank: largest T a call will send from one rank.
+      num_experts:         E.
+      top_k:               largest K.
+      dtype:               widest activation dtype (bfloat16, float16, float32).
+      low_latency:         also reserve the low-latency (decode) regions.
+      name:                registry name; `buffer=None` in calls means "default".
+    """
+
+    def __init__(
+        self,
+        mesh,
+        axis_name,
+        *,
+        hidden: int,
+        max_tokens_per_rank: int,
+        num_experts: int,
+        top_k: int,
+        dtype=jnp.bfloat16,
+        low_latency: bool = False,
+        name: str = "default",
+    ):
+        axes = _axes(axis_name)
+        for a in axes:
+            if a not in mesh.shape:
+                raise ValueError(f"axis_name {a!r} is not an axis of the mesh {tuple(mesh.shape)}")
+        R = int(np.prod([mesh.shape[a] for a in axes]))
+        for arg, v in (("hidden", hidden), ("max_tokens_per_rank", max_tokens_per_rank),
+                       ("num_experts", num_experts), ("top_k", top_k)):
+            if not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{arg} must be a positive int, got {v!r}")
+        if num_experts % R:
+            raise ValueError(f"num_experts ({num_experts}) must be divisible by the EP group size ({R})")
+        dtype = jnp.dtype(dtype)
+        if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
+            raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
+        self.mesh = mesh
+        self.axis_name = axis_name
+        self.axes = axes
+        self.name = name
+        self.num_ranks = R
+        self.hidden = int(hidden)
+        self.max_tokens_per_rank = int(max_tokens_per_rank)
+        self.num_experts = int(num_experts)
+        self.top_k = int(top_k)
+        self.dtype = dtype
+        self.low_latency = bool(low_latency)
+        self.layout = Layout(R, self.hidden, self.max_tokens_per_rank, self.top_k,
+                             self.num_experts, dtype.itemsize, self.low_latency)
+        group = tuple(sorted(mesh.shape.items()))
+        key = repr((axes, group, name)).encode()
+        self.buffer_id = zlib.crc32(key) | (1 << 32)
+        self._native = None
+        if any(d.platform == "gpu" or d.platform == "cuda" for d in mesh.devices.flat):
+            from .backends import cuda_module
+
+            cuda = cuda_module()
+            if cuda is not None:
+                self._native = cuda.create_buffer(self)
+        _REGISTRY[(axes, name)] = self
+
+    @staticmethod
+    def size_hint(*, num_ranks: int, hidden: int, max_tokens_per_rank: int, num_experts: int,
+                  top_k: int, dtype=jnp.bfloat16, low_latency: bool = False) -> int:
+        """Bytes of communication memory one rank needs for this configuration."""
+        return Layout(num_ranks, hidden, max_tokens_per_rank, top_k, num_experts,
+                      jnp.dtype(dtype).itemsize, low_latency).total_bytes
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated per rank (the size hint of this configuration)."""
+        return self.layout.total_bytes
+
+    @property
+    def allocated(self) -> bool:
+        return self._native is not None
+
+    def check_call(self, *, mode: str, num_experts: int, hidden: int, tokens: int, top_k: int,
+                   dtype, fp8: bool = False) -> None:
+        """Raise, naming the size needed, when a call does not fit this buffer."""
+        if mode == "low_latency" and not self.low_latency:
+            raise ValueError(f"Buffer {self.name!r} was created without low_latency=True")
+        if num_experts != self.num_experts:
+            raise ValueError(f"num_experts={num_experts} but Buffer {self.name!r} was made for {self.num_experts}")
+        need = {"hidden": hidden, "max_tokens_per_rank": tokens, "top_k": top_k}
+        have = {"hidden": self.hidden, "max_tokens_per_rank": self.max_tokens_per_rank, "top_k": self.top_k}
+        if jnp.dtype(dtype).itemsize > self.dtype.itemsize:
+            need["dtype"] = jnp.dtype(dtype).name
+        too_big = [k for k in have if need[k] > have[k]] + (["dtype"] if "dtype" in need else [])
+        if too_big:
+            size = Buffer.size_hint(
+                num_ranks=self.num_ranks, hidden=max(hidden, self.hidden),
+                max_tokens_per_rank=max(tokens, self.max_tokens_per_rank), num_experts=num_experts,
+                top_k=max(top_k, self.top_k),
+                dtype=dtype if "dtype" in need else self.dtype, low_latency=self.low_latency)
+            raise ValueError(
+                f"the call does not fit Buffer {self.name!r} ({', '.join(too_big)} too large: "
+                f"call {need}, buffer {have}); it needs a buffer of {size} bytes per rank"
+            )
+
+    def close(self) -> None:
+        """Release the memory and unregister; calls using this buffer then fail."""
+        if self._native is not None:
+            self._native.close()
+            self._native = None
+        if _REGISTRY.get((self.axes, self.name)) is self:
+            del _REGISTRY[(self.axes, self.name)]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return (f"Buffer(name={self.name!r}, axis={self.axis_name!r}, ranks={self.num_ranks}, "
+                f"hidden={self.hidden}, tokens={self.max_tokens_per_rank}, experts={self.num_experts}, "
+                f"top_k={self.top_k}, dtype={self.dtype.name}, bytes/rank={self.nbytes})")
+
+
+def lookup(axis_name, buffer: Optional[Buffer], required: bool) -> Optional[Buffer]:
+    """The buffer a call uses: the given one, else the "default" one of the axis."""
+    if buffer is not None:
+        if not isinstance(buffer, Buffer):
+            raise TypeError(f"buffer must be a jax_ep.Buffer, got {type(buffer).__name__}")
+        if not buffer.allocated and required:
+            raise RuntimeError(f"{buffer!r} holds no GPU memory (closed, or made on a non-GPU mesh)")
+        return buffer if buffer.allocated else None
+    buf = _REGISTRY.get((_axes(axis_name), "default"))
+    if buf is not None and buf.allocated:
+        return buf
+    if required:
+        raise RuntimeError(
+            f"no jax_ep.Buffer named 'default' for axis {axis_name!r}: create one outside jit, "
+            f"e.g. jax_ep.Buffer(mesh, {axis_name!r}, hidden=H, max_tokens_per_rank=T, "
+            "num_experts=E, top_k=K, dtype=jnp.bfloat16)"
+        )
+    return None

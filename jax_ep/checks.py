@@ -1,0 +1,50 @@
+"""Trace-time argument checks with messages that name the argument."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def axis_size(axis_name) -> int:
+    """Size of the EP group along `axis_name` (a name or a tuple of names)."""
+    if not isinstance(axis_name, (str, tuple)) or (
+        isinstance(axis_name, tuple) and not all(isinstance(a, str) for a in axis_name)
+    ):
+        raise TypeError(f"axis_name must be a mesh axis name or a tuple of names, got {axis_name!r}")
+    try:
+        return int(lax.axis_size(axis_name))
+    except NameError as e:
+        raise ValueError(
+            f"axis_name {axis_name!r} is not a bound mesh axis here: call jax_ep inside "
+            f"jax.shard_map over a mesh that has that axis ({e})"
+        ) from None
+
+
+def check_num_experts(num_experts, num_ranks: int) -> None:
+    if not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+    if num_experts % num_ranks:
+        raise ValueError(
+            f"num_experts ({num_experts}) must be divisible by the size of the EP axis "
+            f"({num_ranks})"
+        )
+
+
+def check_shape(name: str, a, expected: Sequence[Optional[int]], text: Optional[str] = None) -> None:
+    """`expected` holds ints or None (any size); `text` describes the shape."""
+    shape = tuple(getattr(a, "shape", ()))
+    ok = len(shape) == len(expected) and all(e is None or e == s for e, s in zip(expected, shape))
+    if not ok:
+        want = text or "[" + ", ".join("?" if e is None else str(e) for e in expected) + "]"
+        raise ValueError(f"{name} must have shape {want}, got {list(shape)}")
+
+
+def check_dtype(name: str, a, allowed) -> None:
+    dt = jnp.dtype(a.dtype)
+    if dt not in [jnp.dtype(d) for d in allowed]:
+        names = ", ".join(jnp.dtype(d).name for d in allowed)
+        raise TypeError(f"{name} must have dtype {names}; got {dt.name}")
