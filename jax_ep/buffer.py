@@ -50,7 +50,7 @@ class Layout:
         a = self.ALIGN
         up = lambda n: (n + a - 1) // a * a
         half = [
-            ("x_stage", up(T * max(H * es, H + 4 * H // fp8_lib.BLOCK))),
+            ("x_stage", up(max(T * H * es, up(T * H) + T * (H // fp8_lib.BLOCK) * 4))),
             ("idx_stage", up(T * K * 4)),
             ("w_stage", up(T * K * 4)),
             ("comb_recv", up(R * T * H * es)),
@@ -60,7 +60,7 @@ class Layout:
             ("inbox", up(R * 8)),
             ("control", up(64 * 4)),
             ("route_rank", up(R * T * kr * 4)),
-            ("route_cnt", up(el * R * 4 + 4)),
+            ("route_cnt", up(self.num_experts * -(-T // 512) * 4)),
         ]
         if self.low_latency:
             m = T

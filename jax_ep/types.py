@@ -65,9 +65,12 @@ class DispatchHandle(NamedTuple):
                                   (ascending) of source token t of rank s;
                                   -1 no such row, -2 the row overflowed.
       dst_mask: int32 [T, R]      sender: 1 where token t has a row on rank r.
-      slot_pos: int32 [T, K]      sender: i of slot k on its destination rank
-                                  (k itself for the tokens layout), -1 if the
-                                  slot was empty, invalid or dropped.
+      slot_pos: int32 [T, K]      sender: dest * Ks + i for slot k, where i is
+                                  the slot's local expert among the token's
+                                  local experts on dest (k itself for the
+                                  tokens layout); -1 if empty, invalid or dropped.
+      num_rows: int32 []          receiver: rows written (sum(group_sizes) for
+                                  the experts layout).
       epoch:    int32 [1]         the buffer epoch that orders calls (cuda).
       meta:     RoutingMeta       static, no leaves.
     """
@@ -79,6 +82,7 @@ class DispatchHandle(NamedTuple):
     src_rows: jax.Array
     dst_mask: jax.Array
     slot_pos: jax.Array
+    num_rows: jax.Array
     epoch: jax.Array
     meta: RoutingMeta
 

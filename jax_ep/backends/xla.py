@@ -143,6 +143,7 @@ def dispatch(
         src_rows=src_rows.astype(jnp.int32),
         dst_mask=routing.dst_mask,
         slot_pos=routing.slot_pos,
+        num_rows=jnp.minimum(total, C).astype(jnp.int32),
         epoch=jnp.zeros((1,), jnp.int32),
         meta=meta,
     )

@@ -1,0 +1,244 @@
+// XLA FFI handlers of the normal mode: dispatch, combine, redispatch.
+// They hold no per-call host state (command buffers replay them without
+// calling back), find the Buffer by (id, device) and launch kernels.
+#include "ffi_normal.h"
+
+#include <algorithm>
+#include <atomic>
+#include <string>
+
+#include "kernels/normal.h"
+#include "runtime.h"
+
+namespace jax_ep {
+namespace {
+
+namespace ffi = xla::ffi;
+
+std::atomic<uint64_t> g_calls{0}, g_captured{0};
+
+// Count handler invocations, and those made while XLA records a CUDA graph
+// (command buffers replay the recording without calling the handler).
+void count_call(cudaStream_t stream) {
+  g_calls.fetch_add(1, std::memory_order_relaxed);
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &status) == cudaSuccess && status == cudaStreamCaptureStatusActive)
+    g_captured.fetch_add(1, std::memory_order_relaxed);
+}
+
+ffi::Error state_for(int64_t buffer_id, int32_t device, BufferState** out) {
+  *out = find_state(static_cast<uint64_t>(buffer_id), device);
+  if (*out == nullptr)
+    return ffi::Error::InvalidArgument(
+        "jax_ep: no Buffer with id " + std::to_string(buffer_id) + " on CUDA device " +
+        std::to_string(device) + " in this process; create jax_ep.Buffer before running");
+  if (!(*out)->connected())
+    return ffi::Error::InvalidArgument("jax_ep: the Buffer is not connected to its peers");
+  return ffi::Error::Success();
+}
+
+bool to_dtype(ffi::DataType t, DType* out) {
+  switch (t) {
+    case ffi::DataType::F32: *out = DType::kF32; return true;
+    case ffi::DataType::BF16: *out = DType::kBF16; return true;
+    case ffi::DataType::F16: *out = DType::kF16; return true;
+    default: return false;
+  }
+}
+
+ffi::Error from_cuda(cudaError_t e, const char* what) {
+  if (e == cudaSuccess) return ffi::Error::Success();
+  return ffi::Error::Internal(std::string("jax_ep: ") + what + ": " + cudaGetErrorString(e));
+}
+
+template <typename B>
+int64_t dim(const B& b, int i) {
+  return b.dimensions()[i];
+}
+
+int clamp_sms(int64_t n) { return static_cast<int>(std::max<int64_t>(1, n)); }
+
+ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
+                        ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> w,
+                        ffi::Result<ffi::AnyBuffer> out_x, ffi::Result<ffi::Buffer<ffi::F32>> out_scales,
+                        ffi::Result<ffi::Buffer<ffi::F32>> out_w,
+                        ffi::Result<ffi::Buffer<ffi::S32>> out_topk,
+                        ffi::Result<ffi::Buffer<ffi::S32>> group_sizes,
+                        ffi::Result<ffi::Buffer<ffi::S32>> num_overflow,
+                        ffi::Result<ffi::Buffer<ffi::S32>> src_rows,
+                        ffi::Result<ffi::Buffer<ffi::S32>> num_rows,
+                        ffi::Result<ffi::Buffer<ffi::S32>> epoch, int64_t buffer_id, int64_t layout,
+                        int64_t num_experts, int64_t out_kind, int64_t num_sms) {
+  count_call(stream);
+  BufferState* st;
+  if (auto err = state_for(buffer_id, device, &st); err.failure()) return err;
+  DispatchArgs a{};
+  a.c = st->ctx();
+  const int R = st->nranks();
+  a.s.T = static_cast<int>(dim(x, 0));
+  a.s.H = static_cast<int>(dim(x, 1));
+  a.s.K = static_cast<int>(dim(idx, 1));
+  a.s.E = static_cast<int>(num_experts);
+  a.s.El = a.s.E / R;
+  a.s.tokens_layout = layout == 1;
+  a.s.Kr = a.s.tokens_layout ? 1 : std::min(a.s.K, a.s.El);
+  a.s.C = static_cast<int>(dim(*out_x, 0));
+  a.s.Tmax = st->max_tokens();
+  if (!to_dtype(x.element_type(), &a.in_dtype))
+    return ffi::Error::InvalidArgument("jax_ep: x must be bfloat16, float16 or float32");
+  a.out_kind = static_cast<int>(out_kind);
+  if (a.out_kind == kOutDequant && !to_dtype(out_x->element_type(), &a.out_dtype))
+    return ffi::Error::InvalidArgument("jax_ep: out_dtype must be bfloat16, float16 or float32");
+  if (a.s.T > a.s.Tmax)
+    return ffi::Error::InvalidArgument("jax_ep: more tokens than the Buffer's max_tokens_per_rank");
+  a.num_sms = clamp_sms(num_sms);
+  a.x = x.untyped_data();
+  a.idx = idx.typed_data();
+  a.w = w.typed_data();
+  a.out_x = out_x->untyped_data();
+  a.out_scales = out_scales->typed_data();
+  a.out_w = out_w->typed_data();
+  a.out_topk = out_topk->typed_data();
+  a.group_sizes = group_sizes->typed_data();
+  a.num_overflow = num_overflow->typed_data();
+  a.src_rows = src_rows->typed_data();
+  a.num_rows = num_rows->typed_data();
+  a.epoch_out = epoch->typed_data();
+  return from_cuda(launch_dispatch(a, stream), "dispatch launch");
+}
+
+ffi::Error CombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer expert_out,
+                       ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::F32> row_vals,
+                       ffi::Buffer<ffi::S32> src_rows, ffi::Buffer<ffi::S32> dst_mask,
+                       ffi::Buffer<ffi::S32> slot_pos, ffi::Buffer<ffi::S32> epoch_in,
+                       ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::Buffer<ffi::F32>> slot_vals,
+                       ffi::Result<ffi::Buffer<ffi::S32>> epoch, int64_t buffer_id, int64_t layout,
+                       int64_t num_experts, int64_t num_sms) {
+  count_call(stream);
+  BufferState* st;
+  if (auto err = state_for(buffer_id, device, &st); err.failure()) return err;
+  CombineArgs a{};
+  a.c = st->ctx();
+  const int R = st->nranks();
+  a.s.T = static_cast<int>(dim(dst_mask, 0));
+  a.s.H = static_cast<int>(dim(expert_out, 1));
+  a.s.K = static_cast<int>(dim(slot_pos, 1));
+  a.s.E = static_cast<int>(num_experts);
+  a.s.El = a.s.E / R;
+  a.s.tokens_layout = layout == 1;
+  a.s.Kr = static_cast<int>(dim(src_rows, 2));
+  a.s.C = static_cast<int>(dim(expert_out, 0));
+  a.s.Tmax = st->max_tokens();
+  if (!to_dtype(expert_out.element_type(), &a.dtype))
+    return ffi::Error::InvalidArgument("jax_ep: expert_out must be bfloat16, float16 or float32");
+  a.num_sms = clamp_sms(num_sms);
+  a.expert_out = expert_out.untyped_data();
+  a.weights = weights.element_count() ? weights.typed_data() : nullptr;
+  a.row_vals = row_vals.element_count() ? row_vals.typed_data() : nullptr;
+  a.src_rows = src_rows.typed_data();
+  a.dst_mask = dst_mask.typed_data();
+  a.slot_pos = slot_pos.typed_data();
+  a.y = y->untyped_data();
+  a.slot_vals = slot_vals->element_count() ? slot_vals->typed_data() : nullptr;
+  a.epoch_out = epoch->typed_data();
+  return from_cuda(launch_combine(a, stream), "combine launch");
+}
+
+ffi::Error RedispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
+                          ffi::Buffer<ffi::S32> src_rows, ffi::Buffer<ffi::S32> dst_mask,
+                          ffi::Buffer<ffi::S32> num_rows, ffi::Buffer<ffi::S32> epoch_in,
+                          ffi::Result<ffi::AnyBuffer> rows, ffi::Result<ffi::Buffer<ffi::S32>> epoch,
+                          int64_t buffer_id, int64_t num_experts, int64_t num_sms) {
+  count_call(stream);
+  BufferState* st;
+  if (auto err = state_for(buffer_id, device, &st); err.failure()) return err;
+  RedispatchArgs a{};
+  a.c = st->ctx();
+  const int R = st->nranks();
+  a.s.T = static_cast<int>(dim(y, 0));
+  a.s.H = static_cast<int>(dim(y, 1));
+  a.s.E = static_cast<int>(num_experts);
+  a.s.El = a.s.E / R;
+  a.s.Kr = static_cast<int>(dim(src_rows, 2));
+  a.s.K = a.s.Kr;
+  a.s.C = static_cast<int>(dim(*rows, 0));
+  a.s.Tmax = st->max_tokens();
+  if (!to_dtype(y.element_type(), &a.dtype))
+    return ffi::Error::InvalidArgument("jax_ep: the cotangent must be bfloat16, float16 or float32");
+  a.num_sms = clamp_sms(num_sms);
+  a.y = y.untyped_data();
+  a.src_rows = src_rows.typed_data();
+  a.dst_mask = dst_mask.typed_data();
+  a.num_rows = num_rows.typed_data();
+  a.rows = rows->untyped_data();
+  a.epoch_out = epoch->typed_data();
+  return from_cuda(launch_redispatch(a, stream), "redispatch launch");
+}
+
+}  // namespace
+
+std::pair<uint64_t, uint64_t> capture_stats() { return {g_calls.load(), g_captured.load()}; }
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxEpDispatch, DispatchImpl,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::PlatformStream<cudaStream_t>>()
+        .Ctx<ffi::DeviceOrdinal>()
+        .Arg<ffi::AnyBuffer>()
+        .Arg<ffi::Buffer<ffi::S32>>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Ret<ffi::AnyBuffer>()
+        .Ret<ffi::Buffer<ffi::F32>>()
+        .Ret<ffi::Buffer<ffi::F32>>()
+        .Ret<ffi::Buffer<ffi::S32>>()
+        .Ret<ffi::Buffer<ffi::S32>>()
+        .Ret<ffi::Buffer<ffi::S32>>()
+        .Ret<ffi::Buffer<ffi::S32>>()
+        .Ret<ffi::Buffer<ffi::S32>>()
+        .Ret<ffi::Buffer<ffi::S32>>()
+        .Attr<int64_t>("buffer_id")
+        .Attr<int64_t>("layout")
+        .Attr<int64_t>("num_experts")
+        .Attr<int64_t>("out_kind")
+        .Attr<int64_t>("num_sms"),
+    {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxEpCombine, CombineImpl,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::PlatformStream<cudaStream_t>>()
+        .Ctx<ffi::DeviceOrdinal>()
+        .Arg<ffi::AnyBuffer>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::S32>>()
+        .Arg<ffi::Buffer<ffi::S32>>()
+        .Arg<ffi::Buffer<ffi::S32>>()
+        .Arg<ffi::Buffer<ffi::S32>>()
+        .Ret<ffi::AnyBuffer>()
+        .Ret<ffi::Buffer<ffi::F32>>()
+        .Ret<ffi::Buffer<ffi::S32>>()
+        .Attr<int64_t>("buffer_id")
+        .Attr<int64_t>("layout")
+        .Attr<int64_t>("num_experts")
+        .Attr<int64_t>("num_sms"),
+    {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxEpRedispatch, RedispatchImpl,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::PlatformStream<cudaStream_t>>()
+        .Ctx<ffi::DeviceOrdinal>()
+        .Arg<ffi::AnyBuffer>()
+        .Arg<ffi::Buffer<ffi::S32>>()
+        .Arg<ffi::Buffer<ffi::S32>>()
+        .Arg<ffi::Buffer<ffi::S32>>()
+        .Arg<ffi::Buffer<ffi::S32>>()
+        .Ret<ffi::AnyBuffer>()
+        .Ret<ffi::Buffer<ffi::S32>>()
+        .Attr<int64_t>("buffer_id")
+        .Attr<int64_t>("num_experts")
+        .Attr<int64_t>("num_sms"),
+    {ffi::Traits::kCmdBufferCompatible});
+
+}  // namespace jax_ep

@@ -1,0 +1,187 @@
+// Device-side building blocks shared by every jax_ep kernel: memory ordering
+// across GPUs/processes, deadline-bounded waits, wide copies, number formats.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include <cstdint>
+
+#include "runtime_types.h"
+
+namespace jax_ep {
+
+// ------------------------------------------------------------------ ordering
+
+__device__ __forceinline__ uint32_t ld_acquire_sys(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void st_release_sys(uint32_t* p, uint32_t v) {
+  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ uint64_t globaltimer_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// Epochs are 32-bit and wrap: `a` has reached `b` when a - b, read signed, is >= 0.
+__device__ __forceinline__ bool epoch_reached(uint32_t a, uint32_t b) {
+  return static_cast<int32_t>(a - b) >= 0;
+}
+
+// Record why this rank gave up and stop the kernel. The watchdog of the
+// Buffer reads the record from host-mapped memory and names rank and phase.
+__device__ __forceinline__ void fail_deadline(const CallCtx& c, uint32_t phase, uint32_t peer,
+                                              uint32_t seen, uint32_t want) {
+  FaultRecord* f = c.fault;
+  if (f != nullptr && atomicCAS(&f->flag, 0u, 1u) == 0u) {
+    f->rank = c.rank;
+    f->phase = phase;
+    f->peer = peer;
+    f->seen = seen;
+    f->want = want;
+    __threadfence_system();
+    st_release_sys(&f->flag, 2u);
+  }
+  __trap();
+}
+
+// Spin until peer's signal in our inbox reaches `want`, or fail at the deadline.
+__device__ __forceinline__ void wait_signal(const CallCtx& c, uint32_t phase, int peer,
+                                            uint32_t want) {
+  const uint32_t* slot = c.inbox + peer;
+  uint32_t seen = ld_acquire_sys(slot);
+  if (epoch_reached(seen, want)) return;
+  const uint64_t start = globaltimer_ns();
+  while (!epoch_reached(seen = ld_acquire_sys(slot), want)) {
+    if (globaltimer_ns() - start > c.timeout_ns) fail_deadline(c, phase, peer, seen, want);
+    __nanosleep(64);
+  }
+}
+
+// Tell every rank (ourselves included) that this rank finished phase `epoch`:
+// all writes before this point, by every block, are visible first.
+__device__ __forceinline__ void signal_all(const CallCtx& c, uint32_t epoch) {
+  __threadfence_system();
+  for (int r = 0; r < c.nranks; ++r) {
+    uint32_t* inbox = reinterpret_cast<uint32_t*>(c.peers.base[r] + c.off.inbox);
+    st_release_sys(inbox + c.rank, epoch);
+  }
+}
+
+// The last block of a grid to reach this point returns true (and resets the
+// counter, so the same counter serves the next launch without a memset).
+__device__ __forceinline__ bool last_block_done(uint32_t* counter) {
+  __shared__ bool last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    const uint32_t n = gridDim.x * gridDim.y * gridDim.z;
+    last = atomicAdd(counter, 1u) == n - 1;
+    if (last) {
+      __threadfence();
+      *counter = 0;
+    }
+  }
+  __syncthreads();
+  return last;
+}
+
+// The epoch of the call now running: one past the last completed call.
+__device__ __forceinline__ uint32_t current_epoch(const CallCtx& c) {
+  return *reinterpret_cast<volatile uint32_t*>(c.control + kCtlEpoch) + 1u;
+}
+
+__device__ __forceinline__ char* half_base(const CallCtx& c, int rank, uint32_t epoch) {
+  return c.peers.base[rank] + (epoch & 1u) * c.off.half_bytes;
+}
+
+// ------------------------------------------------------------------ copies
+
+// Read-once data from another rank's staging: bypass L1 (and, unless disabled,
+// hint the L2 to fetch 256 B). The data was released by a flag we acquired,
+// so the non-coherent path is safe here.
+__device__ __forceinline__ int4 ld_stream(const int4* p) {
+#ifdef JAX_EP_DISABLE_AGGRESSIVE_PTX
+  return __ldcg(p);
+#else
+  int4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.s32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+#endif
+}
+
+__device__ __forceinline__ void st_stream(int4* p, int4 v) { __stcs(p, v); }
+
+// ------------------------------------------------------------------ formats
+
+template <typename T>
+struct Num;
+
+template <>
+struct Num<float> {
+  __device__ static float to_f32(float v) { return v; }
+  __device__ static float from_f32(float v) { return v; }
+};
+template <>
+struct Num<__nv_bfloat16> {
+  __device__ static float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+  __device__ static __nv_bfloat16 from_f32(float v) { return __float2bfloat16_rn(v); }
+};
+template <>
+struct Num<__half> {
+  __device__ static float to_f32(__half v) { return __half2float(v); }
+  __device__ static __half from_f32(float v) { return __float2half_rn(v); }
+};
+
+// 16 bytes of T viewed as floats.
+template <typename T>
+struct Vec {
+  static constexpr int N = 16 / sizeof(T);
+  __device__ static void load(const int4& raw, float* out) {
+    const T* v = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < N; ++i) out[i] = Num<T>::to_f32(v[i]);
+  }
+  __device__ static int4 store(const float* in) {
+    int4 raw;
+    T* v = reinterpret_cast<T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < N; ++i) v[i] = Num<T>::from_f32(in[i]);
+    return raw;
+  }
+};
+
+// NaN-propagating max of |v| (fmaxf would drop a NaN; the xla quantizer keeps it).
+__device__ __forceinline__ float absmax_nan(float a, float v) {
+  const float m = fabsf(v);
+  return (m > a || isnan(m)) ? m : a;
+}
+
+// float32 -> e4m3fn, round to nearest even, saturating to +-448 (NaN stays NaN).
+__device__ __forceinline__ uint8_t to_e4m3(float v) {
+  return static_cast<uint8_t>(__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3));
+}
+
+__device__ __forceinline__ float from_e4m3(uint8_t v) {
+  const __half_raw h = __nv_cvt_fp8_to_halfraw(static_cast<__nv_fp8_storage_t>(v), __NV_E4M3);
+  return __half2float(__half(h));
+}
+
+// 2**ceil(log2(s)) on the bits, as jax_ep.fp8.round_to_pow2.
+__device__ __forceinline__ float round_pow2(float s) {
+  if (!isfinite(s)) return s;
+  uint32_t b = __float_as_uint(s);
+  uint32_t e = b & 0x7F800000u;
+  if (b & 0x007FFFFFu) e += 0x00800000u;
+  return __uint_as_float(e);
+}
+
+}  // namespace jax_ep

@@ -1,0 +1,616 @@
+// Normal-mode dispatch, combine and redispatch (the protocol is in normal.h).
+#include "kernels/normal.h"
+#include "kernels/rows.cuh"
+
+namespace jax_ep {
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+
+__host__ __device__ inline size_t align256(size_t n) { return (n + 255) / 256 * 256; }
+__host__ __device__ inline int elem_bytes(DType d) { return d == DType::kF32 ? 4 : 2; }
+
+// ------------------------------------------------------------ staging views
+
+struct Stage {
+  char* x;       // rows: [Tmax, H] in the wire dtype, or FP8 data [Tmax, H]
+  float* scales; // FP8 scales [Tmax, H/128]
+  int32_t* idx;  // [Tmax, K]
+  float* w;      // [Tmax, K]
+};
+
+__device__ __forceinline__ Stage stage_of(const CallCtx& c, const NormalShape& s, int rank,
+                                          uint32_t epoch) {
+  char* h = half_base(c, rank, epoch);
+  Stage st;
+  st.x = h + c.off.x_stage;
+  st.scales = reinterpret_cast<float*>(st.x + align256(static_cast<size_t>(s.Tmax) * s.H));
+  st.idx = reinterpret_cast<int32_t*>(h + c.off.idx_stage);
+  st.w = reinterpret_cast<float*>(h + c.off.w_stage);
+  return st;
+}
+
+// ------------------------------------------------------------------ stage
+
+// Copy (or quantize) this rank's rows, ids and weights into its staging half,
+// then signal every rank. Warp per token; no waits.
+template <typename T, bool kFp8>
+__global__ void __launch_bounds__(kThreads) stage_kernel(DispatchArgs a, bool copy_ids) {
+  const CallCtx& c = a.c;
+  const NormalShape& s = a.s;
+  const uint32_t epoch = current_epoch(c);
+  const Stage st = stage_of(c, s, c.rank, epoch);
+  const int units = s.H / kUnit;
+  const int lane = lane_id();
+  const T* x = static_cast<const T*>(a.x);
+  for (int t = blockIdx.x * kWarps + warp_id(); t < s.T; t += gridDim.x * kWarps) {
+    const T* row = x + static_cast<size_t>(t) * s.H;
+    if constexpr (kFp8) {
+      uint8_t* q_row = reinterpret_cast<uint8_t*>(st.x) + static_cast<size_t>(t) * s.H;
+      for (int base = 0; base < units; base += 32) {
+        const int u = base + lane;
+        const bool active = u < units;
+        float v[kUnit];
+        if (active) load_unit(row + u * kUnit, v);
+        float scale;
+        const uint2 q = quantize_unit<T>(v, active, /*round_scale=*/false, &scale);
+        if (active) {
+          *reinterpret_cast<uint2*>(q_row + u * kUnit) = q;
+          if (u % kUnitsPerBlock == 0)
+            st.scales[static_cast<size_t>(t) * (s.H / 128) + u / kUnitsPerBlock] = scale;
+        }
+      }
+    } else {
+      char* dst = st.x + static_cast<size_t>(t) * s.H * sizeof(T);
+      const char* src = reinterpret_cast<const char*>(row);
+      for (int u = lane; u < units; u += 32) {
+        RawUnit<kUnit * sizeof(T)> r;
+        r.load(src + u * kUnit * sizeof(T));
+        r.store(dst + u * kUnit * sizeof(T));
+      }
+    }
+    if (copy_ids && lane < s.K) {
+      st.idx[t * s.K + lane] = a.idx[t * s.K + lane];
+      st.w[t * s.K + lane] = a.w[t * s.K + lane];
+    }
+  }
+  if (last_block_done(c.control + kCtlDoneStage) && threadIdx.x == 0) signal_all(c, epoch);
+}
+
+// ------------------------------------------------------------------ route
+
+// Number the rows of each (source rank, block of 512 tokens): for every local
+// expert, the rank of each token among the block's tokens that picked it.
+// route_rank[(s*T + t)*Kr + i] = (e << 16) | rank for the i-th local expert
+// (ascending) of token t of source s; route_cnt holds each block's counts in
+// (expert, source, block) order (tokens layout: (source, block)).
+template <bool kTokens>
+__global__ void __launch_bounds__(kThreads) route_kernel(DispatchArgs a) {
+  extern __shared__ uint32_t smem[];
+  const CallCtx& c = a.c;
+  const NormalShape& s = a.s;
+  const uint32_t epoch = current_epoch(c);
+  const int nch = (s.T + kRouteChunk - 1) / kRouteChunk;
+  const int lane = lane_id(), warp = warp_id();
+  int32_t* route_rank = reinterpret_cast<int32_t*>(c.peers.base[c.rank] + c.off.route_rank);
+  int32_t* route_cnt = reinterpret_cast<int32_t*>(c.peers.base[c.rank] + c.off.route_cnt);
+  uint32_t* mask = smem;                  // [kWarps][El]
+  uint32_t* pre = smem + kWarps * s.El;   // [kWarps][El]
+  __shared__ int warp_cnt[kWarps];
+  const int lo = c.rank * s.El;
+
+  for (int work = blockIdx.x; work < c.nranks * nch; work += gridDim.x) {
+    const int src = work / nch, ch = work % nch;
+    if (src != c.rank && threadIdx.x == 0) wait_signal(c, kPhaseDispatchWait, src, epoch);
+    __syncthreads();
+    const int32_t* idx = src == c.rank ? a.idx : stage_of(c, s, src, epoch).idx;
+    const int t = ch * kRouteChunk + threadIdx.x;
+    const bool valid = t < s.T;
+    int ids[kMaxTopK];
+#pragma unroll
+    for (int k = 0; k < kMaxTopK; ++k) {
+      const int id = (valid && k < s.K) ? idx[t * s.K + k] : -1;
+      ids[k] = (id >= lo && id < lo + s.El) ? id - lo : -1;  // local expert or -1
+    }
+    if constexpr (kTokens) {
+      bool has = false;
+#pragma unroll
+      for (int k = 0; k < kMaxTopK; ++k) has |= ids[k] >= 0;
+      const uint32_t b = __ballot_sync(0xffffffffu, has);
+      if (lane == 0) warp_cnt[warp] = __popc(b);
+      __syncthreads();
+      int before = 0, total = 0;
+      for (int w = 0; w < kWarps; ++w) {
+        before += w < warp ? warp_cnt[w] : 0;
+        total += warp_cnt[w];
+      }
+      if (valid) route_rank[src * s.T + t] = has ? before + __popc(b & lanemask_lt()) : -1;
+      if (threadIdx.x == 0) route_cnt[src * nch + ch] = total;
+      __syncthreads();
+    } else {
+      for (int i = threadIdx.x; i < kWarps * s.El; i += blockDim.x) mask[i] = 0;
+      __syncthreads();
+#pragma unroll
+      for (int k = 0; k < kMaxTopK; ++k)
+        if (ids[k] >= 0) atomicOr(&mask[warp * s.El + ids[k]], 1u << lane);
+      __syncthreads();
+      for (int e = threadIdx.x; e < s.El; e += blockDim.x) {
+        int run = 0;
+        for (int w = 0; w < kWarps; ++w) {
+          pre[w * s.El + e] = run;
+          run += __popc(mask[w * s.El + e]);
+        }
+        route_cnt[(e * c.nranks + src) * nch + ch] = run;
+      }
+      __syncthreads();
+      if (valid) {
+        int32_t* out = route_rank + static_cast<size_t>(src * s.T + t) * s.Kr;
+        int n = 0;
+#pragma unroll
+        for (int k = 0; k < kMaxTopK; ++k) {
+          if (ids[k] < 0) continue;
+          const int e = ids[k];
+          int i = 0;  // position among this token's local experts, ascending
+#pragma unroll
+          for (int j = 0; j < kMaxTopK; ++j) i += (ids[j] >= 0 && ids[j] < e);
+          const int r = pre[warp * s.El + e] + __popc(mask[warp * s.El + e] & lanemask_lt());
+          out[i] = (e << 16) | r;
+          ++n;
+        }
+        for (int i = n; i < s.Kr; ++i) out[i] = -1;
+      }
+      __syncthreads();
+    }
+  }
+}
+
+// ------------------------------------------------------------------ expand
+
+// Copy one source row to its destination rows (entries of `dst` that are >= 0).
+template <int kOut, typename TOut, int UB>
+__device__ __forceinline__ void copy_row(const char* src, const float* src_scales,
+                                         const int (&dst)[kMaxTopK], const DispatchArgs& a) {
+  const int H = a.s.H, units = H / kUnit, lane = lane_id();
+  char* out = static_cast<char*>(a.out_x);
+  for (int u = lane; u < units; u += 32) {
+    if constexpr (kOut == kOutSame) {
+      RawUnit<UB> r;
+      r.load(src + static_cast<size_t>(u) * UB);
+#pragma unroll
+      for (int i = 0; i < kMaxTopK; ++i)
+        if (dst[i] >= 0) r.store(out + (static_cast<size_t>(dst[i]) * units + u) * UB);
+    } else {
+      const uint2 q = __ldcg(reinterpret_cast<const uint2*>(src) + u);
+      const float scale = src_scales[u / kUnitsPerBlock];
+      if constexpr (kOut == kOutFp8) {
+#pragma unroll
+        for (int i = 0; i < kMaxTopK; ++i) {
+          if (dst[i] < 0) continue;
+          reinterpret_cast<uint2*>(out + static_cast<size_t>(dst[i]) * H)[u] = q;
+          if (u % kUnitsPerBlock == 0)
+            a.out_scales[static_cast<size_t>(dst[i]) * (H / 128) + u / kUnitsPerBlock] = scale;
+        }
+      } else {
+        float v[kUnit];
+        dequantize_unit(q, scale, v);
+#pragma unroll
+        for (int i = 0; i < kMaxTopK; ++i)
+          if (dst[i] >= 0)
+            store_unit(reinterpret_cast<TOut*>(out) + static_cast<size_t>(dst[i]) * H + u * kUnit, v);
+      }
+    }
+  }
+}
+
+// Zero rows [from, C) of every output.
+template <int kOut, typename TOut, int UB>
+__device__ void zero_tail(const DispatchArgs& a, int from, bool tokens) {
+  const int H = a.s.H, K = a.s.K, lane = lane_id();
+  const size_t row_bytes = kOut == kOutSame ? static_cast<size_t>(H / kUnit) * UB
+                           : kOut == kOutFp8 ? static_cast<size_t>(H)
+                                             : static_cast<size_t>(H) * sizeof(TOut);
+  char* out = static_cast<char*>(a.out_x);
+  for (int p = from + blockIdx.x * kWarps + warp_id(); p < a.s.C; p += gridDim.x * kWarps) {
+    int4* row = reinterpret_cast<int4*>(out + p * row_bytes);
+    for (int j = lane; j < static_cast<int>(row_bytes / 16); j += 32) row[j] = make_int4(0, 0, 0, 0);
+    if (kOut == kOutFp8)
+      for (int j = lane; j < H / 128; j += 32) a.out_scales[static_cast<size_t>(p) * (H / 128) + j] = 0.f;
+    if (tokens) {
+      for (int k = lane; k < K; k += 32) {
+        a.out_w[static_cast<size_t>(p) * K + k] = 0.f;
+        a.out_topk[static_cast<size_t>(p) * K + k] = -1;
+      }
+    } else if (lane == 0) {
+      a.out_w[p] = 0.f;
+    }
+  }
+}
+
+// Turn route numbers into final rows, pull each source row once and write it
+// to all its local expert rows; then zero the padding and close the call.
+template <bool kTokens, int kOut, typename TOut, int UB>
+__global__ void __launch_bounds__(kThreads) expand_kernel(DispatchArgs a) {
+  extern __shared__ int base[];
+  __shared__ int warp_sums[kWarps];
+  const CallCtx& c = a.c;
+  const NormalShape& s = a.s;
+  const uint32_t epoch = current_epoch(c);
+  const int R = c.nranks, nch = (s.T + kRouteChunk - 1) / kRouteChunk;
+  const int n = kTokens ? R * nch : s.El * R * nch;
+  const int32_t* route_cnt = reinterpret_cast<const int32_t*>(c.peers.base[c.rank] + c.off.route_cnt);
+  const int32_t* route_rank = reinterpret_cast<const int32_t*>(c.peers.base[c.rank] + c.off.route_rank);
+  for (int i = threadIdx.x; i < n; i += blockDim.x) base[i] = route_cnt[i];
+  __syncthreads();
+  const int total = block_exclusive_scan(base, n, warp_sums);
+  const int used = min(total, s.C);
+  if (blockIdx.x == 0) {
+    if (threadIdx.x == 0) {
+      *a.num_overflow = max(total - s.C, 0);
+      *a.num_rows = used;
+    }
+    if (!kTokens) {
+      for (int e = threadIdx.x; e < s.El; e += blockDim.x) {
+        const int start = base[e * R * nch];
+        const int end = e + 1 < s.El ? base[(e + 1) * R * nch] : total;
+        a.group_sizes[e] = max(0, min(s.C - start, end - start));
+      }
+    }
+  }
+  const int lane = lane_id();
+  const int lo = c.rank * s.El;
+  const int in_es = elem_bytes(a.in_dtype);
+  for (int g = blockIdx.x * kWarps + warp_id(); g < R * s.T; g += gridDim.x * kWarps) {
+    const int src = g / s.T, t = g % s.T;
+    int pos = -1, e = -1;
+    if (lane < s.Kr) {
+      const int v = route_rank[static_cast<size_t>(g) * s.Kr + lane];
+      if (v >= 0) {
+        e = kTokens ? 0 : (v >> 16);
+        const int r = v & 0xffff;
+        const int p = base[(kTokens ? src : e * R + src) * nch + t / kRouteChunk] + r;
+        pos = p < s.C ? p : -2;
+      }
+      a.src_rows[static_cast<size_t>(g) * s.Kr + lane] = pos;
+    }
+    const uint32_t valid = __ballot_sync(0xffffffffu, pos >= 0);
+    if (!valid) continue;
+    const bool local_src = src == c.rank;
+    const Stage st = stage_of(c, s, src, epoch);
+    const int32_t* idx = local_src ? a.idx : st.idx;
+    const float* w = local_src ? a.w : st.w;
+    if constexpr (kTokens) {
+      const int p0 = __shfl_sync(0xffffffffu, pos, 0);
+      for (int k = lane; k < s.K; k += 32) {
+        const int id = idx[t * s.K + k];
+        const bool mine = id >= lo && id < lo + s.El;
+        a.out_topk[static_cast<size_t>(p0) * s.K + k] = mine ? id - lo : -1;
+        a.out_w[static_cast<size_t>(p0) * s.K + k] = mine ? w[t * s.K + k] : 0.f;
+        bool first = mine;
+        for (int j = 0; j < k; ++j) first &= idx[t * s.K + j] != id;
+        if (first) atomicAdd(&a.group_sizes[id - lo], 1);
+      }
+    } else if (pos >= 0) {
+      float wv = 0.f;
+      for (int k = 0; k < s.K; ++k)
+        if (idx[t * s.K + k] == lo + e) wv = w[t * s.K + k];
+      a.out_w[pos] = wv;
+    }
+    int dst[kMaxTopK];  // row of the i-th local expert, -1 (or -2) for none
+#pragma unroll
+    for (int i = 0; i < kMaxTopK; ++i) dst[i] = __shfl_sync(0xffffffffu, pos, i);
+    const char* row;
+    const float* scales = nullptr;
+    if (kOut == kOutSame && local_src) {
+      row = static_cast<const char*>(a.x) + static_cast<size_t>(t) * s.H * in_es;
+    } else if (kOut == kOutSame) {
+      row = st.x + static_cast<size_t>(t) * s.H * in_es;
+    } else {
+      row = st.x + static_cast<size_t>(t) * s.H;
+      scales = st.scales + static_cast<size_t>(t) * (s.H / 128);
+    }
+    copy_row<kOut, TOut, UB>(row, scales, dst, a);
+  }
+  zero_tail<kOut, TOut, UB>(a, used, kTokens);
+  if (last_block_done(c.control + kCtlDoneExpand) && threadIdx.x == 0) {
+    c.control[kCtlEpoch] = epoch;
+    *a.epoch_out = static_cast<int32_t>(epoch);
+  }
+}
+
+// ------------------------------------------------------------------ combine
+
+template <typename T>
+__device__ __forceinline__ T* comb_slot(const CallCtx& c, const NormalShape& s, int owner, int from,
+                                        int t, uint32_t epoch) {
+  char* h = half_base(c, owner, epoch) + c.off.comb_recv;
+  return reinterpret_cast<T*>(h) + (static_cast<size_t>(from) * s.T + t) * s.H;
+}
+
+__device__ __forceinline__ float* vals_slot(const CallCtx& c, const NormalShape& s, int owner,
+                                            int from, int t, int ks, uint32_t epoch) {
+  char* h = half_base(c, owner, epoch) + c.off.vals_recv;
+  return reinterpret_cast<float*>(h) + (static_cast<size_t>(from) * s.T + t) * ks;
+}
+
+// Expert side: for each (source rank, token), add its rows here in ascending
+// local-expert order in float32 and round to T. kLocal (one rank) finishes
+// the token side too, writing y directly; otherwise the partial is pushed to
+// the source's buffer and every rank is signalled at the end.
+template <typename T, bool kLocal>
+__global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineArgs a) {
+  const CallCtx& c = a.c;
+  const NormalShape& s = a.s;
+  const uint32_t epoch = current_epoch(c);
+  const int lane = lane_id(), units = s.H / kUnit, R = c.nranks;
+  const int ks = s.tokens_layout ? s.K : s.Kr;
+  const T* eo = static_cast<const T*>(a.expert_out);
+  for (int g = blockIdx.x * kWarps + warp_id(); g < R * s.T; g += gridDim.x * kWarps) {
+    const int src = g / s.T, t = g % s.T;
+    const int pos = lane < s.Kr ? a.src_rows[static_cast<size_t>(g) * s.Kr + lane] : -1;
+    // No row of this token here: nothing to send (one rank: y is still written, as 0).
+    if (!kLocal && !__any_sync(0xffffffffu, pos != -1)) continue;
+    const float wl = (a.weights != nullptr && pos >= 0) ? a.weights[pos] : 1.f;
+    int dst[kMaxTopK];  // rows in ascending local-expert order, < 0 for none
+    float wt[kMaxTopK];
+#pragma unroll
+    for (int i = 0; i < kMaxTopK; ++i) {
+      dst[i] = __shfl_sync(0xffffffffu, pos, i);
+      wt[i] = __shfl_sync(0xffffffffu, wl, i);
+    }
+    T* out = kLocal ? static_cast<T*>(a.y) + static_cast<size_t>(t) * s.H
+                    : comb_slot<T>(c, s, src, c.rank, t, epoch);
+    for (int u = lane; u < units; u += 32) {
+      float acc[kUnit];
+#pragma unroll
+      for (int j = 0; j < kUnit; ++j) acc[j] = 0.f;
+#pragma unroll
+      for (int i = 0; i < kMaxTopK; ++i) {
+        if (dst[i] < 0) continue;
+        float v[kUnit];
+        load_unit(eo + static_cast<size_t>(dst[i]) * s.H + u * kUnit, v);
+#pragma unroll
+        for (int j = 0; j < kUnit; ++j)
+          acc[j] = __fadd_rn(acc[j], a.weights != nullptr ? __fmul_rn(v[j], wt[i]) : v[j]);
+      }
+      if (kLocal) {  // token side of a single rank: 0 + round(partial), rounded again
+#pragma unroll
+        for (int j = 0; j < kUnit; ++j)
+          acc[j] = __fadd_rn(0.f, Num<T>::to_f32(Num<T>::from_f32(acc[j])));
+      }
+      store_unit(out + u * kUnit, acc);
+    }
+    if (a.row_vals != nullptr) {
+      if (kLocal) {  // one rank: the slot's value straight from its row
+        const int sp = lane < s.K ? a.slot_pos[t * s.K + lane] : -1;
+        const int p = __shfl_sync(0xffffffffu, pos, s.tokens_layout ? 0 : (sp >= 0 ? sp % ks : 0));
+        if (lane < s.K) {
+          float v = 0.f;
+          if (sp >= 0 && p >= 0)
+            v = s.tokens_layout ? a.row_vals[static_cast<size_t>(p) * s.K + sp % ks] : a.row_vals[p];
+          a.slot_vals[t * s.K + lane] = v;
+        }
+      } else if (s.tokens_layout) {
+        const int p0 = __shfl_sync(0xffffffffu, pos, 0);
+        for (int k = lane; k < s.K; k += 32)
+          vals_slot(c, s, src, c.rank, t, ks, epoch)[k] =
+              p0 >= 0 ? a.row_vals[static_cast<size_t>(p0) * s.K + k] : 0.f;
+      } else if (lane < s.Kr) {
+        vals_slot(c, s, src, c.rank, t, ks, epoch)[lane] = pos >= 0 ? a.row_vals[pos] : 0.f;
+      }
+    }
+  }
+  if (kLocal) {
+    if (last_block_done(c.control + kCtlDoneSend) && threadIdx.x == 0) {
+      c.control[kCtlEpoch] = epoch;
+      *a.epoch_out = static_cast<int32_t>(epoch);
+    }
+  } else if (last_block_done(c.control + kCtlDoneSend) && threadIdx.x == 0) {
+    signal_all(c, epoch);
+  }
+}
+
+// Token side: wait for every rank, then add the partials in rank order.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineArgs a) {
+  const CallCtx& c = a.c;
+  const NormalShape& s = a.s;
+  const uint32_t epoch = current_epoch(c);
+  const int R = c.nranks, lane = lane_id(), units = s.H / kUnit;
+  const int ks = s.tokens_layout ? s.K : s.Kr;
+  for (int r = threadIdx.x; r < R; r += blockDim.x)
+    if (r != c.rank) wait_signal(c, kPhaseCombineWait, r, epoch);
+  __syncthreads();
+  for (int t = blockIdx.x * kWarps + warp_id(); t < s.T; t += gridDim.x * kWarps) {
+    uint64_t mask = 0;
+    for (int r0 = 0; r0 < R; r0 += 32) {
+      const bool m = r0 + lane < R && a.dst_mask[t * R + r0 + lane] != 0;
+      mask |= static_cast<uint64_t>(__ballot_sync(0xffffffffu, m)) << r0;
+    }
+    T* y = static_cast<T*>(a.y) + static_cast<size_t>(t) * s.H;
+    for (int u = lane; u < units; u += 32) {
+      float acc[kUnit];
+#pragma unroll
+      for (int j = 0; j < kUnit; ++j) acc[j] = 0.f;
+      for (int r = 0; r < R; ++r) {
+        if (!((mask >> r) & 1u)) continue;
+        float v[kUnit];
+        const T* part = comb_slot<T>(c, s, c.rank, r, t, epoch) + u * kUnit;
+        const int4* p4 = reinterpret_cast<const int4*>(part);
+#pragma unroll
+        for (int j = 0; j < static_cast<int>(sizeof(T) * kUnit / 16); ++j)
+          Vec<T>::load(__ldcg(p4 + j), v + j * (16 / sizeof(T)));
+#pragma unroll
+        for (int j = 0; j < kUnit; ++j) acc[j] = __fadd_rn(acc[j], v[j]);
+      }
+      store_unit(y + u * kUnit, acc);
+    }
+    if (a.slot_vals != nullptr && lane < s.K) {
+      const int sp = a.slot_pos[t * s.K + lane];
+      a.slot_vals[t * s.K + lane] =
+          sp >= 0 ? __ldcg(vals_slot(c, s, c.rank, sp / ks, t, ks, epoch) + sp % ks) : 0.f;
+    }
+  }
+  if (last_block_done(c.control + kCtlDoneRecv) && threadIdx.x == 0) {
+    c.control[kCtlEpoch] = epoch;
+    *a.epoch_out = static_cast<int32_t>(epoch);
+  }
+}
+
+// ------------------------------------------------------------------ redispatch
+
+// Stage y rows (raw) for the peers, then signal.
+template <int UB>
+__global__ void __launch_bounds__(kThreads) stage_rows_kernel(RedispatchArgs a) {
+  const CallCtx& c = a.c;
+  const uint32_t epoch = current_epoch(c);
+  const Stage st = stage_of(c, a.s, c.rank, epoch);
+  const int units = a.s.H / kUnit, lane = lane_id();
+  for (int t = blockIdx.x * kWarps + warp_id(); t < a.s.T; t += gridDim.x * kWarps) {
+    const char* src = static_cast<const char*>(a.y) + static_cast<size_t>(t) * units * UB;
+    char* dst = st.x + static_cast<size_t>(t) * units * UB;
+    for (int u = lane; u < units; u += 32) {
+      RawUnit<UB> r;
+      r.load(src + u * UB);
+      r.store(dst + u * UB);
+    }
+  }
+  if (last_block_done(c.control + kCtlDoneStage) && threadIdx.x == 0) signal_all(c, epoch);
+}
+
+// rows[p] = y[token of row p] through the handle: pull each source row once.
+template <int UB>
+__global__ void __launch_bounds__(kThreads) redispatch_kernel(RedispatchArgs a) {
+  const CallCtx& c = a.c;
+  const NormalShape& s = a.s;
+  const uint32_t epoch = current_epoch(c);
+  const int R = c.nranks, lane = lane_id(), units = s.H / kUnit;
+  for (int r = threadIdx.x; r < R; r += blockDim.x)
+    if (r != c.rank) wait_signal(c, kPhaseRedispatchWait, r, epoch);
+  __syncthreads();
+  char* out = static_cast<char*>(a.rows);
+  for (int g = blockIdx.x * kWarps + warp_id(); g < R * s.T; g += gridDim.x * kWarps) {
+    const int src = g / s.T, t = g % s.T;
+    const int pos = lane < s.Kr ? a.src_rows[static_cast<size_t>(g) * s.Kr + lane] : -1;
+    const uint32_t valid = __ballot_sync(0xffffffffu, pos >= 0);
+    if (!valid) continue;
+    int dst[kMaxTopK];
+#pragma unroll
+    for (int i = 0; i < kMaxTopK; ++i) dst[i] = __shfl_sync(0xffffffffu, pos, i);
+    const char* row = src == c.rank
+                          ? static_cast<const char*>(a.y) + static_cast<size_t>(t) * units * UB
+                          : stage_of(c, s, src, epoch).x + static_cast<size_t>(t) * units * UB;
+    for (int u = lane; u < units; u += 32) {
+      RawUnit<UB> r;
+      r.load(row + u * UB);
+#pragma unroll
+      for (int i = 0; i < kMaxTopK; ++i)
+        if (dst[i] >= 0) r.store(out + (static_cast<size_t>(dst[i]) * units + u) * UB);
+    }
+  }
+  const int used = *a.num_rows;
+  for (int p = used + blockIdx.x * kWarps + warp_id(); p < s.C; p += gridDim.x * kWarps) {
+    int4* row = reinterpret_cast<int4*>(out + static_cast<size_t>(p) * units * UB);
+    for (int j = lane; j < units * UB / 16; j += 32) row[j] = make_int4(0, 0, 0, 0);
+  }
+  if (last_block_done(c.control + kCtlDoneExpand) && threadIdx.x == 0) {
+    c.control[kCtlEpoch] = epoch;
+    *a.epoch_out = static_cast<int32_t>(epoch);
+  }
+}
+
+// ------------------------------------------------------------------ launch
+
+template <typename F, typename... Args>
+cudaError_t launch(F kernel, int grid, size_t smem, cudaStream_t stream, const Args&... args) {
+  if (smem > 48 * 1024) {
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem));
+    if (e != cudaSuccess) return e;
+  }
+  kernel<<<grid, kThreads, smem, stream>>>(args...);
+  return cudaGetLastError();
+}
+
+#define JAX_EP_RETURN_IF_ERROR(expr)        \
+  do {                                      \
+    cudaError_t _e = (expr);                \
+    if (_e != cudaSuccess) return _e;       \
+  } while (0)
+
+template <typename T>
+cudaError_t dispatch_typed(const DispatchArgs& a, cudaStream_t stream) {
+  const bool fp8 = a.out_kind != kOutSame;
+  const int R = a.c.nranks, grid = a.num_sms;
+  const bool tokens = a.s.tokens_layout != 0;
+  if (R > 1 || fp8) {
+    auto k = fp8 ? stage_kernel<T, true> : stage_kernel<T, false>;
+    JAX_EP_RETURN_IF_ERROR(launch(k, grid, 0, stream, a, R > 1));
+  }
+  if (tokens) JAX_EP_RETURN_IF_ERROR(cudaMemsetAsync(a.group_sizes, 0, a.s.El * sizeof(int32_t), stream));
+  const int nch = (a.s.T + kRouteChunk - 1) / kRouteChunk;
+  const size_t route_smem = tokens ? 0 : 2 * kWarps * a.s.El * sizeof(uint32_t);
+  JAX_EP_RETURN_IF_ERROR(launch(tokens ? route_kernel<true> : route_kernel<false>, grid, route_smem,
+                                stream, a));
+  const size_t expand_smem = (tokens ? R * nch : a.s.El * R * nch) * sizeof(int);
+  constexpr int UB = kUnit * sizeof(T);
+  using E = decltype(&expand_kernel<false, kOutSame, T, UB>);
+  E k;
+  if (a.out_kind == kOutSame) {
+    k = tokens ? expand_kernel<true, kOutSame, T, UB> : expand_kernel<false, kOutSame, T, UB>;
+  } else if (a.out_kind == kOutFp8) {
+    k = tokens ? expand_kernel<true, kOutFp8, T, UB> : expand_kernel<false, kOutFp8, T, UB>;
+  } else {
+    switch (a.out_dtype) {
+      case DType::kBF16:
+        k = tokens ? expand_kernel<true, kOutDequant, __nv_bfloat16, UB>
+                   : expand_kernel<false, kOutDequant, __nv_bfloat16, UB>;
+        break;
+      case DType::kF16:
+        k = tokens ? expand_kernel<true, kOutDequant, __half, UB>
+                   : expand_kernel<false, kOutDequant, __half, UB>;
+        break;
+      default:
+        k = tokens ? expand_kernel<true, kOutDequant, float, UB>
+                   : expand_kernel<false, kOutDequant, float, UB>;
+    }
+  }
+  return launch(k, grid, expand_smem, stream, a);
+}
+
+template <typename T>
+cudaError_t combine_typed(const CombineArgs& a, cudaStream_t stream) {
+  if (a.c.nranks == 1) return launch(combine_send_kernel<T, true>, a.num_sms, 0, stream, a);
+  JAX_EP_RETURN_IF_ERROR(launch(combine_send_kernel<T, false>, a.num_sms, 0, stream, a));
+  return launch(combine_recv_kernel<T>, a.num_sms, 0, stream, a);
+}
+
+template <int UB>
+cudaError_t redispatch_typed(const RedispatchArgs& a, cudaStream_t stream) {
+  if (a.c.nranks > 1) JAX_EP_RETURN_IF_ERROR(launch(stage_rows_kernel<UB>, a.num_sms, 0, stream, a));
+  return launch(redispatch_kernel<UB>, a.num_sms, 0, stream, a);
+}
+
+}  // namespace
+
+cudaError_t launch_dispatch(const DispatchArgs& a, cudaStream_t stream) {
+  switch (a.in_dtype) {
+    case DType::kF32: return dispatch_typed<float>(a, stream);
+    case DType::kF16: return dispatch_typed<__half>(a, stream);
+    default: return dispatch_typed<__nv_bfloat16>(a, stream);
+  }
+}
+
+cudaError_t launch_combine(const CombineArgs& a, cudaStream_t stream) {
+  switch (a.dtype) {
+    case DType::kF32: return combine_typed<float>(a, stream);
+    case DType::kF16: return combine_typed<__half>(a, stream);
+    default: return combine_typed<__nv_bfloat16>(a, stream);
+  }
+}
+
+cudaError_t launch_redispatch(const RedispatchArgs& a, cudaStream_t stream) {
+  return a.dtype == DType::kF32 ? redispatch_typed<32>(a, stream) : redispatch_typed<16>(a, stream);
+}
+
+}  // namespace jax_ep

@@ -1,0 +1,124 @@
+// Moving rows 8 elements (one "unit") per lane: raw copies, FP8 quantize and
+// dequantize, float32 accumulation. A warp handles one row at a time.
+#pragma once
+
+#include "kernels/device.cuh"
+#include "kernels/normal.h"
+
+namespace jax_ep {
+
+constexpr int kUnit = 8;             // elements per lane step
+constexpr int kUnitsPerBlock = 16;   // 128-channel FP8 block = 16 units
+constexpr float kFp8Max = 448.0f;
+constexpr float kAmaxMin = 1e-4f;
+
+__device__ __forceinline__ int lane_id() { return threadIdx.x & 31; }
+__device__ __forceinline__ int warp_id() { return threadIdx.x >> 5; }
+__device__ __forceinline__ uint32_t lanemask_lt() {
+  uint32_t m;
+  asm("mov.u32 %0, %%lanemask_lt;" : "=r"(m));
+  return m;
+}
+
+// 8 elements of T as floats, loaded/stored with 16-byte accesses.
+template <typename T>
+__device__ __forceinline__ void load_unit(const T* p, float* v) {
+  constexpr int kVec = 16 / sizeof(T);
+#pragma unroll
+  for (int j = 0; j < kUnit / kVec; ++j)
+    Vec<T>::load(__ldg(reinterpret_cast<const int4*>(p) + j), v + j * kVec);
+}
+
+template <typename T>
+__device__ __forceinline__ void store_unit(T* p, const float* v) {
+  constexpr int kVec = 16 / sizeof(T);
+#pragma unroll
+  for (int j = 0; j < kUnit / kVec; ++j)
+    reinterpret_cast<int4*>(p)[j] = Vec<T>::store(v + j * kVec);
+}
+
+// Raw bytes of one unit (UB = 8 * element size).
+template <int UB>
+struct RawUnit {
+  int4 v[UB / 16];
+  __device__ __forceinline__ void load(const char* p) {
+#pragma unroll
+    for (int j = 0; j < UB / 16; ++j) v[j] = ld_stream(reinterpret_cast<const int4*>(p) + j);
+  }
+  __device__ __forceinline__ void store(char* p) const {
+#pragma unroll
+    for (int j = 0; j < UB / 16; ++j) reinterpret_cast<int4*>(p)[j] = v[j];
+  }
+};
+
+// Quantize one unit of a 128-channel block; the 16 lanes of a block share
+// its scale through shuffles (all 32 lanes must call this together).
+template <typename T>
+__device__ __forceinline__ uint2 quantize_unit(const float* v, bool active, bool round_scale,
+                                               float* scale_out) {
+  float amax = 0.0f;
+  if (active) {
+#pragma unroll
+    for (int i = 0; i < kUnit; ++i) amax = absmax_nan(amax, v[i]);
+  }
+#pragma unroll
+  for (int off = 8; off >= 1; off >>= 1) {
+    const float o = __shfl_xor_sync(0xffffffffu, amax, off);
+    amax = (o > amax || isnan(o)) ? o : amax;
+  }
+  if (amax < kAmaxMin) amax = kAmaxMin;  // NaN stays NaN
+  float scale = __fdiv_rn(amax, kFp8Max);
+  if (round_scale) scale = round_pow2(scale);
+  *scale_out = scale;
+  uint2 q;
+  uint8_t* b = reinterpret_cast<uint8_t*>(&q);
+#pragma unroll
+  for (int i = 0; i < kUnit; ++i) b[i] = to_e4m3(__fdiv_rn(v[i], scale));
+  return q;
+}
+
+__device__ __forceinline__ void dequantize_unit(uint2 q, float scale, float* v) {
+  const uint8_t* b = reinterpret_cast<const uint8_t*>(&q);
+#pragma unroll
+  for (int i = 0; i < kUnit; ++i) v[i] = __fmul_rn(from_e4m3(b[i]), scale);
+}
+
+// Exclusive scan of n ints in shared memory by the whole block; returns the total.
+__device__ int block_exclusive_scan(int* data, int n, int* warp_sums) {
+  const int per = (n + blockDim.x - 1) / blockDim.x;
+  const int lo = min(n, static_cast<int>(threadIdx.x) * per);
+  const int hi = min(n, lo + per);
+  int sum = 0;
+  for (int i = lo; i < hi; ++i) sum += data[i];
+  // inclusive scan of the per-thread sums: warps, then warp totals
+  int incl = sum;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const int o = __shfl_up_sync(0xffffffffu, incl, off);
+    if (lane_id() >= off) incl += o;
+  }
+  if (lane_id() == 31) warp_sums[warp_id()] = incl;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    const int nw = blockDim.x / 32;
+    int v = threadIdx.x < nw ? warp_sums[threadIdx.x] : 0;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const int o = __shfl_up_sync(0xffffffffu, v, off);
+      if (lane_id() >= off) v += o;
+    }
+    if (threadIdx.x < nw) warp_sums[threadIdx.x] = v;  // inclusive warp totals
+  }
+  __syncthreads();
+  int run = incl - sum + (warp_id() > 0 ? warp_sums[warp_id() - 1] : 0);
+  for (int i = lo; i < hi; ++i) {
+    const int v = data[i];
+    data[i] = run;
+    run += v;
+  }
+  const int total = warp_sums[blockDim.x / 32 - 1];
+  __syncthreads();
+  return total;
+}
+
+}  // namespace jax_ep

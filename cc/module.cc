@@ -1,0 +1,118 @@
+// The nanobind module jax_ep._ext: FFI registrations and Buffer management.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <memory>
+
+#include "ffi_normal.h"
+#include "runtime.h"
+
+namespace nb = nanobind;
+using jax_ep::BufferState;
+
+namespace {
+
+template <typename T>
+nb::capsule capsule(T* fn) {
+  static_assert(std::is_invocable_r_v<XLA_FFI_Error*, T, XLA_FFI_CallFrame*>,
+                "an FFI handler has the XLA_FFI_Handler signature");
+  return nb::capsule(reinterpret_cast<void*>(fn));
+}
+
+jax_ep::Offsets offsets_from(const nb::dict& d) {
+  auto get = [&](const char* k) -> size_t {
+    return d.contains(k) ? nb::cast<size_t>(d[k]) : 0;
+  };
+  jax_ep::Offsets o{};
+  o.x_stage = get("x_stage0");
+  o.idx_stage = get("idx_stage0");
+  o.w_stage = get("w_stage0");
+  o.comb_recv = get("comb_recv0");
+  o.vals_recv = get("vals_recv0");
+  o.half_bytes = get("half_bytes");
+  o.inbox = get("inbox");
+  o.control = get("control");
+  o.route_rank = get("route_rank");
+  o.route_cnt = get("route_cnt");
+  o.ll_recv = get("ll_recv0");
+  o.ll_comb = get("ll_comb0");
+  o.ll_count = get("ll_count");
+  return o;
+}
+
+BufferState* state(uint64_t id, int device) {
+  BufferState* s = jax_ep::find_state(id, device);
+  if (s == nullptr) throw std::invalid_argument("jax_ep: no such buffer on this device");
+  return s;
+}
+
+}  // namespace
+
+NB_MODULE(_ext, m) {
+  m.doc() = "jax_ep CUDA extension: FFI handlers, communication buffers";
+
+  m.def("registrations", []() {
+    nb::dict d;
+    d["jax_ep_dispatch"] = capsule(jax_ep::JaxEpDispatch);
+    d["jax_ep_combine"] = capsule(jax_ep::JaxEpCombine);
+    d["jax_ep_redispatch"] = capsule(jax_ep::JaxEpRedispatch);
+    return d;
+  });
+
+  m.def(
+      "create",
+      [](uint64_t id, int device, int rank, int nranks, int max_tokens, nb::dict offsets,
+         double timeout_s) {
+        const size_t total = nb::cast<size_t>(offsets["total"]);
+        jax_ep::add_state(std::make_unique<BufferState>(id, device, rank, nranks, max_tokens, total,
+                                                        offsets_from(offsets), timeout_s));
+      },
+      nb::arg("buffer_id"), nb::arg("device"), nb::arg("rank"), nb::arg("nranks"),
+      nb::arg("max_tokens"), nb::arg("offsets"), nb::arg("timeout_s"),
+      "Allocate this device's communication memory of a buffer.");
+
+  m.def(
+      "ipc_handle", [](uint64_t id, int device) { return nb::bytes(state(id, device)->ipc_handle().data(), 64); },
+      "The CUDA IPC handle of the buffer's memory on this device.");
+
+  m.def(
+      "connect",
+      [](uint64_t id, int device, std::vector<nb::bytes> handles, std::vector<int> local_devices) {
+        BufferState* s = state(id, device);
+        std::vector<std::string> hs;
+        for (auto& h : handles) hs.emplace_back(h.c_str(), h.size());
+        std::vector<BufferState*> local(s->nranks(), nullptr);
+        for (int r = 0; r < static_cast<int>(local_devices.size()) && r < s->nranks(); ++r)
+          if (local_devices[r] >= 0) local[r] = state(id, local_devices[r]);
+        s->connect(hs, local);
+      },
+      nb::arg("buffer_id"), nb::arg("device"), nb::arg("handles"), nb::arg("local_devices"),
+      "Map the peers: IPC handles per rank (other processes), or the device of each rank "
+      "driven by this process (-1 elsewhere).");
+
+  m.def("close", [](uint64_t id, int device) { jax_ep::remove_state(id, device); },
+        "Free a buffer's memory on one device.");
+
+  m.def(
+      "fault",
+      [](uint64_t id, int device) -> nb::object {
+        const jax_ep::FaultRecord& f = state(id, device)->fault();
+        if (f.flag != 2) return nb::none();
+        nb::dict d;
+        d["rank"] = f.rank;
+        d["phase"] = f.phase;
+        d["peer"] = f.peer;
+        d["seen"] = f.seen;
+        d["want"] = f.want;
+        return d;
+      },
+      "The timeout record of a buffer, or None.");
+
+  m.def("capture_stats", []() {
+    auto [calls, captured] = jax_ep::capture_stats();
+    return nb::make_tuple(calls, captured);
+  }, "(FFI handler calls, of which made while recording a CUDA graph)");
+
+  m.def("version", []() { return "0.1.0"; });
+}

@@ -1,0 +1,175 @@
+#include "runtime.h"
+
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <mutex>
+
+namespace jax_ep {
+
+void check_cuda(cudaError_t err, const char* what) {
+  if (err != cudaSuccess)
+    throw CudaError(std::string("jax_ep: ") + what + " failed: " + cudaGetErrorString(err));
+}
+
+namespace {
+
+const char* phase_name(uint32_t p) {
+  switch (p) {
+    case kPhaseDispatchWait: return "dispatch (waiting for a sender's rows)";
+    case kPhaseCombineWait: return "combine (waiting for an expert rank's partial sums)";
+    case kPhaseRedispatchWait: return "combine backward (waiting for a sender's rows)";
+    case kPhaseLowLatencyDispatchWait: return "low_latency_dispatch_recv";
+    case kPhaseLowLatencyCombineWait: return "low_latency_combine_recv";
+    default: return "unknown";
+  }
+}
+
+struct DeviceGuard {
+  int prev = 0;
+  explicit DeviceGuard(int dev) {
+    cudaGetDevice(&prev);
+    check_cuda(cudaSetDevice(dev), "cudaSetDevice");
+  }
+  ~DeviceGuard() { cudaSetDevice(prev); }
+};
+
+}  // namespace
+
+BufferState::BufferState(uint64_t id, int device, int rank, int nranks, int max_tokens,
+                         size_t bytes, const Offsets& off, double timeout_s)
+    : id_(id), device_(device), rank_(rank), nranks_(nranks), max_tokens_(max_tokens),
+      bytes_(bytes), off_(off), timeout_ns_(static_cast<uint64_t>(timeout_s * 1e9)) {
+  if (nranks < 1 || nranks > kMaxRanks)
+    throw std::invalid_argument("jax_ep: an EP group has 1.." + std::to_string(kMaxRanks) + " ranks");
+  DeviceGuard guard(device);
+  check_cuda(cudaMalloc(&base_, bytes_), "cudaMalloc of the communication buffer");
+  check_cuda(cudaMemset(base_, 0, bytes_), "cudaMemset of the communication buffer");
+  check_cuda(cudaHostAlloc(&fault_host_, sizeof(FaultRecord), cudaHostAllocMapped),
+             "cudaHostAlloc of the fault record");
+  std::memset(fault_host_, 0, sizeof(FaultRecord));
+  check_cuda(cudaHostGetDevicePointer(&fault_dev_, fault_host_, 0), "cudaHostGetDevicePointer");
+  check_cuda(cudaDeviceSynchronize(), "buffer initialisation");
+  peers_.assign(nranks_, nullptr);
+  peers_[rank_] = base_;
+  watchdog_ = std::thread([this] { watch(); });
+}
+
+BufferState::~BufferState() {
+  stop_ = true;
+  if (watchdog_.joinable()) watchdog_.join();
+  DeviceGuard guard(device_);
+  cudaDeviceSynchronize();
+  for (char* p : opened_) cudaIpcCloseMemHandle(p);
+  cudaFree(base_);
+  cudaFreeHost(fault_host_);
+}
+
+std::string BufferState::ipc_handle() const {
+  cudaIpcMemHandle_t h;
+  check_cuda(cudaIpcGetMemHandle(&h, base_), "cudaIpcGetMemHandle");
+  return std::string(reinterpret_cast<const char*>(&h), sizeof(h));
+}
+
+void BufferState::connect(const std::vector<std::string>& handles,
+                          const std::vector<BufferState*>& local) {
+  DeviceGuard guard(device_);
+  for (int r = 0; r < nranks_; ++r) {
+    if (r == rank_) continue;
+    if (r < static_cast<int>(local.size()) && local[r] != nullptr) {
+      const int peer_dev = local[r]->device();
+      if (peer_dev != device_) {
+        int can = 0;
+        check_cuda(cudaDeviceCanAccessPeer(&can, device_, peer_dev), "cudaDeviceCanAccessPeer");
+        if (!can)
+          throw CudaError("jax_ep: device " + std::to_string(device_) + " cannot access device " +
+                          std::to_string(peer_dev) + " (no peer access)");
+        cudaError_t e = cudaDeviceEnablePeerAccess(peer_dev, 0);
+        if (e == cudaErrorPeerAccessAlreadyEnabled) cudaGetLastError();
+        else check_cuda(e, "cudaDeviceEnablePeerAccess");
+      }
+      peers_[r] = local[r]->base();
+      continue;
+    }
+    if (r >= static_cast<int>(handles.size()) || handles[r].size() != sizeof(cudaIpcMemHandle_t))
+      throw std::invalid_argument("jax_ep: missing IPC handle of rank " + std::to_string(r));
+    cudaIpcMemHandle_t h;
+    std::memcpy(&h, handles[r].data(), sizeof(h));
+    void* p = nullptr;
+    check_cuda(cudaIpcOpenMemHandle(&p, h, cudaIpcMemLazyEnablePeerAccess),
+               "cudaIpcOpenMemHandle");
+    peers_[r] = static_cast<char*>(p);
+    opened_.push_back(static_cast<char*>(p));
+  }
+  connected_ = true;
+}
+
+CallCtx BufferState::ctx() const {
+  CallCtx c{};
+  for (int r = 0; r < nranks_; ++r) c.peers.base[r] = peers_[r];
+  c.off = off_;
+  c.rank = rank_;
+  c.nranks = nranks_;
+  c.control = reinterpret_cast<uint32_t*>(base_ + off_.control);
+  c.inbox = reinterpret_cast<uint32_t*>(base_ + off_.inbox);
+  c.fault = fault_dev_;
+  c.timeout_ns = timeout_ns_;
+  return c;
+}
+
+// A kernel that hit its deadline wrote a record and trapped; say who and
+// where before the process goes down with the CUDA error.
+void BufferState::watch() {
+  using namespace std::chrono_literals;
+  while (!stop_) {
+    std::this_thread::sleep_for(20ms);
+    volatile FaultRecord* f = fault_host_;
+    if (f->flag != 2) continue;
+    std::fprintf(stderr,
+                 "jax_ep: TIMEOUT on rank %u: %s: rank %u never signalled epoch %u (last seen %u) "
+                 "within %.1f s (JAX_EP_TIMEOUT_S). That rank did not make the matching call, "
+                 "made a different one, or died.\n",
+                 f->rank, phase_name(f->phase), f->peer, f->want, f->seen, timeout_ns_ / 1e9);
+    std::fflush(stderr);
+    for (int i = 0; i < 500 && !stop_; ++i) std::this_thread::sleep_for(20ms);
+    if (!stop_) _exit(70);  // the CUDA context is gone; never hang after a timeout
+    return;
+  }
+}
+
+namespace {
+std::mutex g_mu;
+std::map<std::pair<uint64_t, int>, std::unique_ptr<BufferState>> g_states;
+}  // namespace
+
+BufferState* find_state(uint64_t id, int device) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  auto it = g_states.find({id, device});
+  return it == g_states.end() ? nullptr : it->second.get();
+}
+
+BufferState* add_state(std::unique_ptr<BufferState> s) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  auto key = std::make_pair(s->id(), s->device());
+  if (g_states.count(key))
+    throw std::invalid_argument("jax_ep: a buffer with this id already exists on device " +
+                                std::to_string(s->device()) + " (close it first)");
+  BufferState* raw = s.get();
+  g_states[key] = std::move(s);
+  return raw;
+}
+
+void remove_state(uint64_t id, int device) {
+  std::unique_ptr<BufferState> victim;
+  {
+    std::lock_guard<std::mutex> lock(g_mu);
+    auto it = g_states.find({id, device});
+    if (it == g_states.end()) return;
+    victim = std::move(it->second);
+    g_states.erase(it);
+  }
+}
+
+}  // namespace jax_ep

@@ -1,0 +1,76 @@
+// The per-device state behind a jax_ep.Buffer: communication memory, the
+// peers' mappings of it, the fault record and the watchdog that reports it.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "runtime_types.h"
+
+namespace jax_ep {
+
+class CudaError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// Throw with the call and CUDA's message on failure.
+void check_cuda(cudaError_t err, const char* what);
+
+class BufferState {
+ public:
+  BufferState(uint64_t id, int device, int rank, int nranks, int max_tokens, size_t bytes,
+              const Offsets& off, double timeout_s);
+  ~BufferState();
+  BufferState(const BufferState&) = delete;
+  BufferState& operator=(const BufferState&) = delete;
+
+  // 64 bytes to hand to the other processes of the group.
+  std::string ipc_handle() const;
+  // Map the other ranks' memory: IPC handles (other processes) or, for ranks
+  // driven by this process, their state's pointer directly (peer access).
+  void connect(const std::vector<std::string>& handles, const std::vector<BufferState*>& local);
+
+  CallCtx ctx() const;
+  const FaultRecord& fault() const { return *fault_host_; }
+
+  uint64_t id() const { return id_; }
+  int device() const { return device_; }
+  int rank() const { return rank_; }
+  int nranks() const { return nranks_; }
+  int max_tokens() const { return max_tokens_; }
+  char* base() const { return base_; }
+  bool connected() const { return connected_; }
+
+ private:
+  void watch();
+
+  uint64_t id_;
+  int device_, rank_, nranks_, max_tokens_;
+  size_t bytes_;
+  Offsets off_;
+  uint64_t timeout_ns_;
+  char* base_ = nullptr;
+  std::vector<char*> peers_;
+  std::vector<char*> opened_;  // IPC mappings to close
+  bool connected_ = false;
+  FaultRecord* fault_host_ = nullptr;
+  FaultRecord* fault_dev_ = nullptr;
+  std::atomic<bool> stop_{false};
+  std::thread watchdog_;
+};
+
+// Registry keyed by (buffer id, CUDA device ordinal); FFI handlers look up here.
+BufferState* find_state(uint64_t id, int device);
+BufferState* add_state(std::unique_ptr<BufferState> s);
+void remove_state(uint64_t id, int device);
+
+}  // namespace jax_ep

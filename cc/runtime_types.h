@@ -1,0 +1,62 @@
+// Plain structs shared by host and device code: where things live in a
+// Buffer, and what every kernel launch carries.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace jax_ep {
+
+constexpr int kMaxRanks = 64;
+
+// Words of the per-rank control region (local memory, never read by peers).
+enum ControlWord : int {
+  kCtlEpoch = 0,       // last completed call on this buffer
+  kCtlDoneStage = 1,   // last-block counters, one per kernel role
+  kCtlDoneSend = 2,
+  kCtlDoneRecv = 3,
+  kCtlDoneExpand = 4,
+  kCtlWords = 64,
+};
+
+// Phases named in a timeout record.
+enum Phase : uint32_t {
+  kPhaseDispatchWait = 1,
+  kPhaseCombineWait = 2,
+  kPhaseRedispatchWait = 3,
+  kPhaseLowLatencyDispatchWait = 4,
+  kPhaseLowLatencyCombineWait = 5,
+};
+
+// Written by a kernel that hit its deadline, read by the host watchdog.
+struct FaultRecord {
+  uint32_t flag;  // 0 clear, 1 being written, 2 complete
+  uint32_t rank, phase, peer, seen, want;
+};
+
+// Byte offsets inside one rank's buffer (computed by jax_ep/buffer.py:Layout).
+// Regions named *0 are the first half; the second half is half_bytes later.
+struct Offsets {
+  size_t x_stage, idx_stage, w_stage, comb_recv, vals_recv;  // half 0
+  size_t half_bytes;
+  size_t inbox, control, route_rank, route_cnt;  // local
+  size_t ll_recv, ll_comb, ll_count;
+};
+
+struct PeerTable {
+  char* base[kMaxRanks];
+};
+
+// Everything a kernel needs to find its buffer, its peers and its deadline.
+struct CallCtx {
+  PeerTable peers;
+  Offsets off;
+  int rank;
+  int nranks;
+  uint32_t* control;  // this rank's control words
+  uint32_t* inbox;    // this rank's inbox: inbox[s] = last epoch signalled by s
+  FaultRecord* fault; // host-mapped
+  uint64_t timeout_ns;
+};
+
+}  // namespace jax_ep

@@ -1,0 +1,225 @@
+"""The cuda backend: FFI custom calls into the kernels of `jax_ep._ext`.
+
+Every call carries the buffer id as an attribute; the handler finds the
+per-device state by (id, device). Calls have side effects (they touch the
+buffer) and need no host synchronization, so XLA may capture them into
+command buffers.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import fp8 as fp8_lib
+from ..routing import SenderRouting
+from ..types import DispatchHandle, RoutingMeta
+
+try:
+    from .. import _ext
+except ImportError:  # not built: the package runs on the xla backend
+    _ext = None
+
+_OUT_SAME, _OUT_FP8, _OUT_DEQUANT = 0, 1, 2
+MAX_TOP_K = 16
+
+
+@functools.lru_cache(maxsize=None)
+def _registered() -> bool:
+    if _ext is None:
+        return False
+    try:
+        for name, capsule in _ext.registrations().items():
+            jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
+    except Exception:  # a jaxlib without the CUDA platform
+        return False
+    return True
+
+
+def available() -> bool:
+    return _registered()
+
+
+def timeout_s() -> float:
+    return float(os.environ.get("JAX_EP_TIMEOUT_S", "100"))
+
+
+# ------------------------------------------------------------------ buffers
+
+
+class NativeBuffer:
+    """The device memory of one `Buffer` on the devices this process drives."""
+
+    def __init__(self, buffer_id: int, devices):
+        self.buffer_id = buffer_id
+        self.devices = list(devices)  # CUDA ordinals
+
+    def close(self) -> None:
+        for d in self.devices:
+            _ext.close(self.buffer_id, d)
+        self.devices = []
+
+
+_instances = {}
+
+
+def _groups(mesh, axes):
+    """{group key: [device per rank]} with ranks in lax.axis_index order of `axes`."""
+    names = list(mesh.axis_names)
+    ep = [names.index(a) for a in axes]
+    rest = [i for i in range(len(names)) if i not in ep]
+    devs = np.asarray(mesh.devices).transpose(rest + ep)
+    ep_size = int(np.prod([mesh.shape[a] for a in axes]))
+    flat = devs.reshape(-1, ep_size)
+    return {g: list(flat[g]) for g in range(flat.shape[0])}
+
+
+def create_buffer(buf) -> Optional[NativeBuffer]:
+    """Allocate, exchange and map the memory of `buf` for this process's devices."""
+    from .. import distributed
+
+    pid = jax.process_index()
+    groups = _groups(buf.mesh, buf.axes)
+    offsets = buf.layout.offsets()
+    mine = []
+    n = _instances.get(buf.buffer_id, 0)
+    _instances[buf.buffer_id] = n + 1
+    config = repr((buf.num_ranks, buf.hidden, buf.max_tokens_per_rank, buf.num_experts,
+                   buf.top_k, buf.dtype.name, buf.low_latency)).encode()
+    for g, ranks in groups.items():
+        local = [d for d in ranks if d.process_index == pid]
+        if not local:
+            continue
+        for d in local:
+            _ext.create(buf.buffer_id, d.local_hardware_id, ranks.index(d), len(ranks),
+                        buf.max_tokens_per_rank, offsets, timeout_s())
+            mine.append(d.local_hardware_id)
+        local_devs = [d.local_hardware_id if d.process_index == pid else -1 for d in ranks]
+        handles = [b""] * len(ranks)
+        if len(local) < len(ranks):  # peers in other processes: CUDA IPC over the KV store
+            kv = distributed.kv_store(f"jax_ep/buffer/{buf.buffer_id:x}/{n}/{g}")
+            for d in local:
+                r = ranks.index(d)
+                kv.set(f"rank{r}", config + b"|" + _ext.ipc_handle(buf.buffer_id, d.local_hardware_id))
+            for r, d in enumerate(ranks):
+                if d.process_index == pid:
+                    continue
+                got = kv.get(f"rank{r}")
+                cfg, _, handle = got.rpartition(b"|")
+                if cfg != config:
+                    raise ValueError(
+                        f"jax_ep.Buffer {buf.name!r}: rank {r} was created with "
+                        f"{cfg.decode()} but this rank with {config.decode()}; every rank of an "
+                        "EP group must create the same Buffer"
+                    )
+                handles[r] = handle
+        for d in local:
+            _ext.connect(buf.buffer_id, d.local_hardware_id, handles, local_devs)
+    return NativeBuffer(buf.buffer_id, mine)
+
+
+# ------------------------------------------------------------------ normal mode
+
+
+def _i64(v) -> np.int64:
+    return np.int64(v)
+
+
+def _vma(x) -> set:
+    """The manual mesh axes x varies over (the attribute moved across JAX versions)."""
+    t = jax.typeof(x)
+    m = getattr(t, "manual_axis_type", None)
+    if m is not None:
+        return set(m.varying)
+    return set(getattr(t, "vma", ()) or ())
+
+
+def _varying(outs, *inputs):
+    """Mark FFI results as varying over every manual axis their inputs vary
+    over (shard_map's check_vma cannot see through a custom call)."""
+    axes = set()
+    for x in jax.tree.leaves(inputs):
+        axes |= _vma(x)
+    if not axes:
+        return outs
+
+    def fix(o):
+        missing = tuple(sorted(axes - _vma(o)))
+        return jax.lax.pcast(o, missing, to="varying") if missing else o
+
+    return jax.tree.map(fix, outs)
+
+
+def _sds(shape, dtype):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def dispatch(x, routing: SenderRouting, meta: RoutingMeta, *, fp8: bool, out_dtype, num_sms: int):
+    R, El, C, K = meta.num_ranks, meta.local_experts, meta.rows, meta.top_k
+    T, H = x.shape
+    tokens = meta.layout == "tokens"
+    idx, w = (routing.kept_idx, routing.kept_w) if tokens else (routing.row_idx, routing.row_w)
+    kind = _OUT_SAME if not fp8 else (_OUT_FP8 if out_dtype is None else _OUT_DEQUANT)
+    x_dtype = {_OUT_SAME: x.dtype, _OUT_FP8: fp8_lib.DTYPE, _OUT_DEQUANT: out_dtype}[kind]
+    shapes = (
+        _sds((C, H), x_dtype),
+        _sds((C, H // fp8_lib.BLOCK) if kind == _OUT_FP8 else (0,), jnp.float32),
+        _sds((C, K) if tokens else (C,), jnp.float32),
+        _sds((C, K) if tokens else (0,), jnp.int32),
+        _sds((El,), jnp.int32),
+        _sds((), jnp.int32),
+        _sds((R, T, meta.local_slots), jnp.int32),
+        _sds((), jnp.int32),
+        _sds((1,), jnp.int32),
+    )
+    call = jax.ffi.ffi_call("jax_ep_dispatch", shapes, has_side_effect=True)
+    outs = call(
+        x, idx, w, buffer_id=_i64(meta.buffer_id), layout=_i64(int(tokens)),
+        num_experts=_i64(meta.num_experts), out_kind=_i64(kind), num_sms=_i64(num_sms),
+    )
+    out_x, scales, out_w, topk, sizes, overflow, src_rows, num_rows, epoch = _varying(outs, x, idx, w)
+    if kind == _OUT_FP8:
+        out_x = fp8_lib.Fp8Array(out_x, scales)
+    handle = DispatchHandle(
+        num_overflow=overflow, dropped=routing.dropped, num_dropped=routing.num_dropped,
+        num_invalid=routing.num_invalid, src_rows=src_rows, dst_mask=routing.dst_mask,
+        slot_pos=routing.slot_pos, num_rows=num_rows, epoch=epoch, meta=meta,
+    )
+    return out_x, out_w, sizes, (topk if tokens else None), handle
+
+
+def combine(expert_out, weights, handle: DispatchHandle, row_vals=None, num_sms: int = 24):
+    meta = handle.meta
+    T, K = handle.slot_pos.shape
+    empty = jnp.zeros((0,), jnp.float32)
+    shapes = (
+        _sds((T, expert_out.shape[1]), expert_out.dtype),
+        _sds((T, K) if row_vals is not None else (0,), jnp.float32),
+        _sds((1,), jnp.int32),
+    )
+    call = jax.ffi.ffi_call("jax_ep_combine", shapes, has_side_effect=True)
+    y, slot_vals, _ = _varying(call(
+        expert_out, empty if weights is None else weights,
+        empty if row_vals is None else row_vals.astype(jnp.float32), handle.src_rows,
+        handle.dst_mask, handle.slot_pos, handle.epoch, buffer_id=_i64(meta.buffer_id),
+        layout=_i64(int(meta.layout == "tokens")), num_experts=_i64(meta.num_experts),
+        num_sms=_i64(num_sms),
+    ), expert_out, handle.src_rows, handle.dst_mask)
+    return y, (slot_vals if row_vals is not None else None)
+
+
+def redispatch(y, handle: DispatchHandle, num_sms: int = 24):
+    meta = handle.meta
+    shapes = (_sds((meta.rows, y.shape[1]), y.dtype), _sds((1,), jnp.int32))
+    call = jax.ffi.ffi_call("jax_ep_redispatch", shapes, has_side_effect=True)
+    rows, _ = _varying(call(
+        y, handle.src_rows, handle.dst_mask, handle.num_rows, handle.epoch,
+        buffer_id=_i64(meta.buffer_id), num_experts=_i64(meta.num_experts),
+        num_sms=_i64(num_sms),
+    ), y, handle.src_rows)
+    return rows

@@ -1,0 +1,148 @@
+"""Run one per-rank function on the GPU ranks and on the CPU oracle, side by side.
+
+Every process builds the same global inputs from a seed. The GPU side runs
+`jit(shard_map(body))` over all GPU devices of the job (one per process) with
+`backend="cuda"`; the oracle runs the same body with `backend="xla"` on the
+process's first R CPU devices and keeps this rank's slice.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Dict, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import jax_ep
+
+AXIS = "ep"
+
+
+@functools.lru_cache(maxsize=None)
+def gpu_mesh() -> Mesh:
+    devs = sorted((d for d in jax.devices() if d.platform == "gpu"), key=lambda d: (d.process_index, d.id))
+    return Mesh(np.array(devs), (AXIS,))
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_mesh(r: int) -> Mesh:
+    devs = jax.local_devices(backend="cpu")[:r]
+    assert len(devs) == r, f"need {r} CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count)"
+    return Mesh(np.array(devs), (AXIS,))
+
+
+def num_ranks() -> int:
+    return gpu_mesh().size
+
+
+def my_rank() -> int:
+    mine = [i for i, d in enumerate(gpu_mesh().devices.flat) if d.process_index == jax.process_index()]
+    assert len(mine) == 1, "GPU tests expect one GPU device per process"
+    return mine[0]
+
+
+_BUFFERS: Dict[Tuple, jax_ep.Buffer] = {}
+
+
+def buffer(hidden: int, tokens: int, experts: int, top_k: int, dtype=jnp.float32,
+           low_latency: bool = False) -> jax_ep.Buffer:
+    """One buffer per configuration, made once (every rank asks in the same order)."""
+    key = (hidden, tokens, experts, top_k, jnp.dtype(dtype).name, low_latency)
+    if key not in _BUFFERS:
+        _BUFFERS[key] = jax_ep.Buffer(gpu_mesh(), AXIS, hidden=hidden, max_tokens_per_rank=tokens,
+                                      num_experts=experts, top_k=top_k, dtype=dtype,
+                                      low_latency=low_latency, name=f"t{len(_BUFFERS)}")
+    return _BUFFERS[key]
+
+
+_FNS: Dict[Tuple, Callable] = {}
+
+
+def _runner(mesh: Mesh, key, body: Callable, nargs: int):
+    k = (id(mesh), key)
+    if k not in _FNS:
+        def per_rank(*a):
+            return jax.tree.map(lambda v: jnp.reshape(v, (1, *jnp.shape(v))), body(*a))
+
+        _FNS[k] = jax.jit(jax.shard_map(per_rank, mesh=mesh, in_specs=(P(AXIS),) * nargs,
+                                        out_specs=P(AXIS)))
+    return _FNS[k]
+
+
+def run_gpu(key, body: Callable, *global_args):
+    """This rank's outputs of body(*per-rank args) on the GPU ranks (leading axis dropped)."""
+    mesh = gpu_mesh()
+    r, n = my_rank(), mesh.size
+    args = []
+    for g in global_args:
+        g = np.asarray(g)
+        local = g.reshape(n, -1, *g.shape[1:])[r]
+        args.append(jax.make_array_from_process_local_data(NamedSharding(mesh, P(AXIS)), local,
+                                                           g.shape))
+    out = _runner(mesh, key, body, len(args))(*args)
+    return jax.tree.map(lambda a: np.asarray(a.addressable_data(0))[0], out)
+
+
+def run_oracle(key, body: Callable, *global_args):
+    """This rank's outputs of the same body on the xla backend over CPU devices."""
+    n = num_ranks()
+    mesh = cpu_mesh(n)
+    args = [jax.device_put(np.asarray(g), NamedSharding(mesh, P(AXIS))) for g in global_args]
+    out = _runner(mesh, key, body, len(args))(*args)
+    return jax.tree.map(lambda a: np.asarray(a)[my_rank()], out)
+
+
+def bits(a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a)
+    if a.dtype.itemsize == 1:
+        return a.view(np.uint8)
+    return a.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
+
+
+def assert_same(got, want, what: str = "") -> None:
+    """Bit-for-bit equality of two pytrees of arrays."""
+    gl, gt = jax.tree.flatten(got)
+    wl, wt = jax.tree.flatten(want)
+    assert gt == wt, f"{what}: structure {gt} != {wt}"
+    for i, (g, w) in enumerate(zip(gl, wl)):
+        assert g.shape == w.shape and g.dtype == w.dtype, f"{what}[{i}]: {g.shape} {g.dtype} vs {w.shape} {w.dtype}"
+        bad = np.nonzero(bits(g).reshape(-1) != bits(w).reshape(-1))[0]
+        assert bad.size == 0, (
+            f"{what}[{i}] rank {my_rank()}: {bad.size} of {g.size} elements differ, first at flat "
+            f"{bad[:5]}: got {g.reshape(-1)[bad[:5]]} want {w.reshape(-1)[bad[:5]]}"
+        )
+
+
+# ---------------------------------------------------------------- routings
+
+
+def routing(kind: str, n: int, t: int, k: int, e: int, seed: int) -> np.ndarray:
+    """Global int32 [n*t, k] routings: random, zipf, one_rank, empty_rank, messy."""
+    rng = np.random.default_rng(seed)
+    total = n * t
+    if kind in ("random", "messy"):
+        idx = np.stack([rng.choice(e, k, replace=False) for _ in range(total)]).astype(np.int32)
+        if kind == "messy":  # -1 slots, invalid ids, repeated ids
+            m = rng.random((total, k))
+            idx[m < 0.1] = -1
+            idx[(m >= 0.1) & (m < 0.15)] = e + 3
+            idx[(m >= 0.15) & (m < 0.2)] = -7
+            dup = rng.random(total) < 0.2
+            idx[dup, -1] = idx[dup, 0]
+        return idx
+    if kind == "zipf":
+        p = 1.0 / np.arange(1, e + 1) ** 1.2
+        p /= p.sum()
+        return np.stack([rng.choice(e, k, replace=False, p=p) for _ in range(total)]).astype(np.int32)
+    el = e // n
+    if kind == "one_rank":  # every token to experts of rank n-1
+        lo = (n - 1) * el
+        return np.stack([lo + rng.choice(el, min(k, el), replace=False).tolist() + [-1] * (k - min(k, el))
+                         for _ in range(total)]).astype(np.int32)
+    if kind == "empty_rank":  # rank 0 owns no chosen expert
+        pool = np.arange(el, e) if n > 1 else np.arange(e)
+        return np.stack([rng.choice(pool, k, replace=False) for _ in range(total)]).astype(np.int32)
+    raise ValueError(kind)
