@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Optional
 
 _DEFAULT_NUM_SMS: Optional[int] = None
@@ -42,11 +43,15 @@ def get_num_sms() -> Optional[int]:
 
 
 def resolve(config: Optional[Config]) -> Config:
-    """An explicit Config wins, then `set_num_sms`, then the defaults."""
+    """An explicit Config wins, then `set_num_sms`, then JAX_EP_NUM_SMS (set by
+    `python -m jax_ep.launch --sms-per-rank`), then the defaults."""
     if config is not None:
         if not isinstance(config, Config):
             raise TypeError(f"config must be a jax_ep.Config, got {type(config).__name__}")
         return config
     if _DEFAULT_NUM_SMS is not None:
         return Config(num_sms=_DEFAULT_NUM_SMS)
+    env = os.environ.get("JAX_EP_NUM_SMS")
+    if env:
+        return Config(num_sms=int(env))
     return Config()

@@ -84,6 +84,9 @@ def initialize(*, initialization_timeout: int = 300) -> bool:
         num_processes=int(os.environ[ENV_NUM_PROCESSES]),
         process_id=int(os.environ[ENV_PROCESS_ID]),
         initialization_timeout=initialization_timeout,
+        # Everything comes from the launcher: a scheduler's variables (SLURM, Open MPI)
+        # must not override it, nor pick local devices behind CUDA_VISIBLE_DEVICES.
+        cluster_detection_method="deactivate",
     )
     # A loopback coordinator is served on loopback only, not on every interface.
     if coordinator.rsplit(":", 1)[0] in _LOOPBACK_HOSTS:
@@ -94,13 +97,13 @@ def initialize(*, initialization_timeout: int = 300) -> bool:
 
 
 def process_index() -> int:
-    """This process's index in the job (0 when not launched)."""
+    """This process's index in the job (`jax.process_index()` when not launched)."""
     value = _env_int(ENV_PROCESS_ID)
     return jax.process_index() if value is None else value
 
 
 def num_processes() -> int:
-    """Processes in the job (1 when not launched)."""
+    """Processes in the job (`jax.process_count()` when not launched)."""
     value = _env_int(ENV_NUM_PROCESSES)
     return jax.process_count() if value is None else value
 
@@ -162,7 +165,8 @@ class KVStore:
             return bytes(self._client.blocking_key_value_get_bytes(self._key(key), ms))
         return base64.b64decode(self._client.blocking_key_value_get(self._key(key), ms))
 
-    def all_gather(self, key: str, value: bytes | str, *, timeout_s: float | None = None) -> list[bytes]:
+    def all_gather(self, key: str, value: bytes | str, *,
+                   timeout_s: float | None = None) -> list[bytes]:
         """Publishes this process's `value` and returns every process's, in process order."""
         self.set(f"{key}/{process_index()}", value)
         return [self.get(f"{key}/{p}", timeout_s=timeout_s) for p in range(num_processes())]

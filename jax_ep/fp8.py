@@ -58,17 +58,81 @@ def round_to_pow2(scale: jax.Array) -> jax.Array:
     return jnp.where(jnp.isfinite(scale), out, scale)
 
 
+def _split(bits):
+    """(normalized 24-bit significand, unbiased exponent) of finite nonzero float32 bits."""
+    e = ((bits >> 23) & 0xFF).astype(jnp.int32)
+    m = bits & jnp.uint32(0x7FFFFF)
+    m = jnp.where(e > 0, m | jnp.uint32(0x800000), m)
+    shift = jnp.maximum(jax.lax.clz(m).astype(jnp.int32) - 8, 0)  # subnormals: normalize
+    return m << shift.astype(jnp.uint32), jnp.where(e > 0, e, 1) - shift - 127
+
+
+def exact_div(x: jax.Array, y: jax.Array) -> jax.Array:
+    """IEEE float32 x / y, rounded to nearest even, for any XLA backend.
+
+    XLA rewrites a division by a constant or a broadcast into a multiplication by
+    the reciprocal, which is not the correctly rounded quotient. The kernels
+    divide exactly, so the reference does too: a long division of the
+    significands in uint32 arithmetic. Quotients below the float32 normal range,
+    zeros, infinities and NaNs (where the rewrite cannot differ in a way that
+    survives FP8 rounding, or is exact) take the plain division.
+    """
+    x, y = jnp.broadcast_arrays(x.astype(jnp.float32), y.astype(jnp.float32))
+    bx = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    by = jax.lax.bitcast_convert_type(y, jnp.uint32)
+    sign = (bx ^ by) & jnp.uint32(0x80000000)
+    mx, ex = _split(bx)
+    my, ey = _split(by)
+
+    def step(_, rq):  # one quotient bit; a loop keeps each step a small kernel
+        r, q = rq
+        bit = r >= my
+        return jnp.where(bit, r - my, r) << 1, (q << 1) | bit.astype(jnp.uint32)
+
+    # q = floor(mx * 2**25 / my), in [2**24, 2**26)
+    r, q = jax.lax.fori_loop(0, 26, step, (mx, jnp.zeros_like(mx)))
+    sticky = r != 0
+    top = q >= (1 << 25)
+    mant = jnp.where(top, q >> 2, q >> 1)
+    guard = jnp.where(top, (q >> 1) & 1, q & 1) != 0
+    rest = jnp.where(top, (q & 1) != 0, False) | sticky
+    mant = mant + (guard & (rest | ((mant & 1) != 0))).astype(jnp.uint32)
+    exp = ex - ey + 127 - jnp.where(top, 0, 1)
+    carry = mant >= (1 << 24)
+    mant = jnp.where(carry, mant >> 1, mant)
+    exp = exp + carry.astype(jnp.int32)
+    bits = sign | (exp.astype(jnp.uint32) << 23) | (mant & jnp.uint32(0x7FFFFF))
+    exact = jax.lax.bitcast_convert_type(bits, jnp.float32)
+    ok = jnp.isfinite(x) & jnp.isfinite(y) & (x != 0) & (y != 0) & (exp >= 1) & (exp <= 254)
+    return jnp.where(ok, exact, x / y)
+
+
 def block_scales(x: jax.Array, round_scale: bool = False) -> jax.Array:
     """float32 [..., H // 128] scales of x [..., H]."""
     h = x.shape[-1]
     _check_hidden(h)
     xb = x.astype(jnp.float32).reshape(*x.shape[:-1], h // BLOCK, BLOCK)
     amax = jnp.max(jnp.abs(xb), axis=-1)
-    amax = jnp.maximum(amax, jnp.float32(AMAX_MIN))
-    scale = amax / jnp.float32(FP8_MAX)
+    amax = jnp.where(amax < AMAX_MIN, jnp.float32(AMAX_MIN), amax)  # NaN stays NaN
+    scale = exact_div(amax, jnp.float32(FP8_MAX))
     if round_scale:
         scale = round_to_pow2(scale)
     return scale
+
+
+def round_to_e4m3(v: jax.Array) -> jax.Array:
+    """float32 -> the nearest e4m3fn value (ties to even, saturating), still float32.
+
+    Done on the float32 bits, so it rounds once: a compiler's float32 -> float8
+    conversion may go through float16 and round twice.
+    """
+    v = jnp.clip(v, -FP8_MAX, FP8_MAX)  # saturate; NaN stays NaN
+    exp = ((jax.lax.bitcast_convert_type(v, jnp.uint32) >> 23) & 0xFF).astype(jnp.int32) - 127
+    q_exp = jnp.maximum(exp, -6) - 3  # 3 mantissa bits; subnormal step 2**-9
+    quantum = jax.lax.bitcast_convert_type(((q_exp + 127) << 23).astype(jnp.uint32), jnp.float32)
+    # v / quantum as v * (1 / quantum): both exact, quantum being a power of two
+    inv = jax.lax.bitcast_convert_type(((127 - q_exp) << 23).astype(jnp.uint32), jnp.float32)
+    return jnp.round(v * inv) * quantum
 
 
 def quantize(x: jax.Array, round_scale: bool = False) -> Fp8Array:
@@ -76,9 +140,8 @@ def quantize(x: jax.Array, round_scale: bool = False) -> Fp8Array:
     scales = block_scales(x, round_scale)
     h = x.shape[-1]
     xb = x.astype(jnp.float32).reshape(*x.shape[:-1], h // BLOCK, BLOCK)
-    q = xb / scales[..., None]
-    q = jnp.clip(q, -FP8_MAX, FP8_MAX)  # saturate; NaN stays NaN
-    data = q.astype(DTYPE).reshape(x.shape)
+    q = round_to_e4m3(exact_div(xb, scales[..., None]))
+    data = q.astype(DTYPE).reshape(x.shape)  # exact: q is an e4m3 value
     return Fp8Array(data, scales)
 
 

@@ -70,14 +70,16 @@ def _parser() -> argparse.ArgumentParser:
         usage="%(prog)s --nproc N [options] [--] (script.py | -m module | command) [args...]",
         description="Run N processes of a multi-process JAX job on this host.",
     )
-    p.add_argument("--nproc", type=int, required=True, help="processes to start")
-    p.add_argument("--nodes", type=int, default=1,
+    p.add_argument("--nproc", type=int, required=True, metavar="N", help="processes to start")
+    p.add_argument("--nodes", type=int, default=1, metavar="K",
                    help="simulated nodes; ranks are grouped into nodes contiguously")
     p.add_argument("--share-gpu", action="store_true", help="put every process on one GPU")
     p.add_argument("--mps", action="store_true", help="run the job under a fresh CUDA MPS daemon")
-    p.add_argument("--sms-per-rank", type=int, default=None, help="SMs each process may use")
-    p.add_argument("--timeout", type=float, default=None, help="end the job after this many seconds")
-    p.add_argument("--grace", type=float, default=5.0,
+    p.add_argument("--sms-per-rank", type=int, default=None, metavar="S",
+                   help="SMs each process may use")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="end the job after this many seconds")
+    p.add_argument("--grace", type=float, default=5.0, metavar="SECONDS",
                    help="seconds between SIGTERM and SIGKILL when stopping ranks")
     return p
 
@@ -210,7 +212,7 @@ class _Job:
 
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen] = []
-        self.relays: list[threading.Thread] = []
+        self.relays: list[list[threading.Thread]] = []
         self.exits: queue.Queue[tuple[int, int]] = queue.Queue()
 
     def start(self, command: list[str], envs: list[dict[str, str]]) -> None:
@@ -225,10 +227,12 @@ class _Job:
                                     start_new_session=True)
             self.procs.append(proc)
             prefix = f"[rank {rank}] ".encode()
-            for stream, out in ((proc.stdout, stdout), (proc.stderr, stderr)):
-                t = threading.Thread(target=_relay, args=(stream, out, prefix, lock), daemon=True)
+            self.relays.append([
+                threading.Thread(target=_relay, args=(stream, out, prefix, lock), daemon=True)
+                for stream, out in ((proc.stdout, stdout), (proc.stderr, stderr))
+            ])
+            for t in self.relays[-1]:
                 t.start()
-                self.relays.append(t)
             threading.Thread(target=self._wait, args=(rank, proc), daemon=True).start()
 
     def _wait(self, rank: int, proc: subprocess.Popen) -> None:
@@ -258,10 +262,12 @@ class _Job:
         for proc in self.procs:
             proc.wait()
 
-    def drain(self, timeout: float = 5.0) -> None:
+    def drain(self, ranks: Sequence[int] | None = None, timeout: float = 5.0) -> None:
+        """Waits (at most `timeout`) until the output of `ranks` (default all) is relayed."""
         deadline = time.monotonic() + timeout
-        for t in self.relays:
-            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        for rank in range(len(self.procs)) if ranks is None else ranks:
+            for t in self.relays[rank]:
+                t.join(timeout=max(0.0, deadline - time.monotonic()))
 
 
 def _exit_code(returncode: int) -> int:
@@ -292,6 +298,7 @@ def _supervise(job: _Job, args: argparse.Namespace) -> int:
             return _TIMEOUT_EXIT_CODE
         remaining -= 1
         if returncode != 0:
+            job.drain([rank], timeout=1.0)  # its last words before the launcher's
             others = [r for r in job.running() if r != rank]
             _note(f"rank {rank} failed first ({_describe(returncode)})"
                   + (f"; stopping ranks {', '.join(map(str, others))}" if others else ""))
@@ -342,6 +349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(s, handler)
         if job.running():
             job.stop(args.grace)
+        # Whatever the ranks left behind in their process groups goes too.
+        job.send(signal.SIGKILL)
         job.drain()
         mps.stop()
     return code

@@ -44,18 +44,17 @@ def my_rank() -> int:
     return mine[0]
 
 
-_BUFFERS: Dict[Tuple, jax_ep.Buffer] = {}
+_BUFFER = []
 
 
-def buffer(hidden: int, tokens: int, experts: int, top_k: int, dtype=jnp.float32,
-           low_latency: bool = False) -> jax_ep.Buffer:
-    """One buffer per configuration, made once (every rank asks in the same order)."""
-    key = (hidden, tokens, experts, top_k, jnp.dtype(dtype).name, low_latency)
-    if key not in _BUFFERS:
-        _BUFFERS[key] = jax_ep.Buffer(gpu_mesh(), AXIS, hidden=hidden, max_tokens_per_rank=tokens,
-                                      num_experts=experts, top_k=top_k, dtype=dtype,
-                                      low_latency=low_latency, name=f"t{len(_BUFFERS)}")
-    return _BUFFERS[key]
+def buffer(hidden: int = 256, tokens: int = 128, experts: int = 32, top_k: int = 8,
+           dtype=jnp.float32, low_latency: bool = True) -> jax_ep.Buffer:
+    """The "default" buffer of the tests, made once, large enough for every test."""
+    if not _BUFFER:
+        _BUFFER.append(jax_ep.Buffer(gpu_mesh(), AXIS, hidden=hidden, max_tokens_per_rank=tokens,
+                                     num_experts=experts, top_k=top_k, dtype=dtype,
+                                     low_latency=low_latency))
+    return _BUFFER[0]
 
 
 _FNS: Dict[Tuple, Callable] = {}
@@ -139,8 +138,8 @@ def routing(kind: str, n: int, t: int, k: int, e: int, seed: int) -> np.ndarray:
         return np.stack([rng.choice(e, k, replace=False, p=p) for _ in range(total)]).astype(np.int32)
     el = e // n
     if kind == "one_rank":  # every token to experts of rank n-1
-        lo = (n - 1) * el
-        return np.stack([lo + rng.choice(el, min(k, el), replace=False).tolist() + [-1] * (k - min(k, el))
+        lo, m = (n - 1) * el, min(k, el)
+        return np.stack([np.concatenate([lo + rng.choice(el, m, replace=False), -np.ones(k - m, int)])
                          for _ in range(total)]).astype(np.int32)
     if kind == "empty_rank":  # rank 0 owns no chosen expert
         pool = np.arange(el, e) if n > 1 else np.arange(e)

@@ -55,7 +55,7 @@ CASES = [
 def test_dispatch_combine_matches_xla(case):
     layout, fp8, out_dtype, cap, max_rows, weighted, dtype, kind = case
     n = num_ranks()
-    buffer(H, T, E, K, jnp.float32)
+    buffer()
     rng = np.random.default_rng(CASES.index(case))
     x = rng.standard_normal((n * T, H)).astype(np.float32)
     idx = routing(kind, n, T, K, E, seed=len(kind) * 7 + n)
@@ -88,7 +88,7 @@ def _grad_fn(backend, layout):
 @pytest.mark.parametrize("layout", ["experts", "tokens"])
 def test_grad_matches_xla(layout):
     n = num_ranks()
-    buffer(H, T, E, K, jnp.float32)
+    buffer()
     rng = np.random.default_rng(5)
     x = rng.standard_normal((n * T, H)).astype(np.float32)
     idx = routing("messy", n, T, K, E, seed=11)
@@ -104,7 +104,7 @@ def test_soak_changing_routings():
     """10,000 dispatch+combine calls with a new routing each time, checked in the graph."""
     n = num_ranks()
     t, h, e, k = 64, 128, 16, 4
-    buffer(h, t, e, k, jnp.float32)
+    buffer()
     steps, calls = 50, 200
 
     def body(x, idx):
@@ -137,7 +137,7 @@ def test_command_buffer_replays():
     from jax_ep import _ext
 
     n = num_ranks()
-    buffer(H, T, E, K, jnp.float32)
+    buffer()
     rng = np.random.default_rng(9)
     x = rng.standard_normal((n * T, H)).astype(np.float32)
     idx = routing("random", n, T, K, E, seed=2)
