@@ -33,6 +33,39 @@ __device__ __forceinline__ Stage stage_of(const CallCtx& c, const NormalShape& s
 
 // ------------------------------------------------------------------ stage
 
+constexpr int kUnroll = 4;  // units each lane loads before it stores any
+
+// Copy a row of `units` raw units from src to the rows dst[i] >= 0 of `out`.
+template <int UB>
+__device__ __forceinline__ void copy_raw_to_rows(const char* src, char* out,
+                                                 const int (&dst)[kMaxTopK], int units) {
+  const int lane = lane_id();
+  for (int u0 = lane; u0 < units; u0 += 32 * kUnroll) {
+    RawUnit<UB> r[kUnroll];
+#pragma unroll
+    for (int j = 0; j < kUnroll; ++j)
+      if (u0 + 32 * j < units) r[j].load(src + static_cast<size_t>(u0 + 32 * j) * UB);
+#pragma unroll
+    for (int i = 0; i < kMaxTopK; ++i) {
+      if (dst[i] < 0) continue;
+#pragma unroll
+      for (int j = 0; j < kUnroll; ++j) {
+        const int u = u0 + 32 * j;
+        if (u < units) r[j].store(out + (static_cast<size_t>(dst[i]) * units + u) * UB);
+      }
+    }
+  }
+}
+
+// Copy a row of `units` raw units from src to one row.
+template <int UB>
+__device__ __forceinline__ void copy_raw_row(const char* src, char* one, int units) {
+  int dst[kMaxTopK];
+#pragma unroll
+  for (int i = 0; i < kMaxTopK; ++i) dst[i] = i == 0 ? 0 : -1;
+  copy_raw_to_rows<UB>(src, one, dst, units);
+}
+
 // Copy (or quantize) this rank's rows, ids and weights into its staging half,
 // then signal every rank. Warp per token; no waits.
 template <typename T, bool kFp8>
@@ -62,13 +95,8 @@ __global__ void __launch_bounds__(kThreads) stage_kernel(DispatchArgs a, bool co
         }
       }
     } else {
-      char* dst = st.x + static_cast<size_t>(t) * s.H * sizeof(T);
-      const char* src = reinterpret_cast<const char*>(row);
-      for (int u = lane; u < units; u += 32) {
-        RawUnit<kUnit * sizeof(T)> r;
-        r.load(src + u * kUnit * sizeof(T));
-        r.store(dst + u * kUnit * sizeof(T));
-      }
+      copy_raw_row<kUnit * sizeof(T)>(reinterpret_cast<const char*>(row),
+                                       st.x + static_cast<size_t>(t) * s.H * sizeof(T), units);
     }
     if (copy_ids && lane < s.K) {
       st.idx[t * s.K + lane] = a.idx[t * s.K + lane];
@@ -167,37 +195,47 @@ __global__ void __launch_bounds__(kThreads) route_kernel(DispatchArgs a) {
 
 // ------------------------------------------------------------------ expand
 
-// Copy one source row to its destination rows (entries of `dst` that are >= 0).
+// Copy one source row to its destination rows (entries of `dst` that are >= 0),
+// converting FP8 on the way when asked.
 template <int kOut, typename TOut, int UB>
 __device__ __forceinline__ void copy_row(const char* src, const float* src_scales,
                                          const int (&dst)[kMaxTopK], const DispatchArgs& a) {
   const int H = a.s.H, units = H / kUnit, lane = lane_id();
   char* out = static_cast<char*>(a.out_x);
-  for (int u = lane; u < units; u += 32) {
-    if constexpr (kOut == kOutSame) {
-      RawUnit<UB> r;
-      r.load(src + static_cast<size_t>(u) * UB);
+  if constexpr (kOut == kOutSame) {
+    copy_raw_to_rows<UB>(src, out, dst, units);
+  } else {
+    for (int u0 = lane; u0 < units; u0 += 32 * kUnroll) {
+      uint2 q[kUnroll];
+      float scale[kUnroll];
 #pragma unroll
-      for (int i = 0; i < kMaxTopK; ++i)
-        if (dst[i] >= 0) r.store(out + (static_cast<size_t>(dst[i]) * units + u) * UB);
-    } else {
-      const uint2 q = __ldcg(reinterpret_cast<const uint2*>(src) + u);
-      const float scale = src_scales[u / kUnitsPerBlock];
-      if constexpr (kOut == kOutFp8) {
-#pragma unroll
-        for (int i = 0; i < kMaxTopK; ++i) {
-          if (dst[i] < 0) continue;
-          reinterpret_cast<uint2*>(out + static_cast<size_t>(dst[i]) * H)[u] = q;
-          if (u % kUnitsPerBlock == 0)
-            a.out_scales[static_cast<size_t>(dst[i]) * (H / 128) + u / kUnitsPerBlock] = scale;
+      for (int j = 0; j < kUnroll; ++j) {
+        const int u = u0 + 32 * j;
+        if (u < units) {
+          q[j] = __ldcg(reinterpret_cast<const uint2*>(src) + u);
+          scale[j] = src_scales[u / kUnitsPerBlock];
         }
-      } else {
-        float v[kUnit];
-        dequantize_unit(q, scale, v);
+      }
 #pragma unroll
-        for (int i = 0; i < kMaxTopK; ++i)
-          if (dst[i] >= 0)
-            store_unit(reinterpret_cast<TOut*>(out) + static_cast<size_t>(dst[i]) * H + u * kUnit, v);
+      for (int j = 0; j < kUnroll; ++j) {
+        const int u = u0 + 32 * j;
+        if (u >= units) continue;
+        if constexpr (kOut == kOutFp8) {
+#pragma unroll
+          for (int i = 0; i < kMaxTopK; ++i) {
+            if (dst[i] < 0) continue;
+            reinterpret_cast<uint2*>(out + static_cast<size_t>(dst[i]) * H)[u] = q[j];
+            if (u % kUnitsPerBlock == 0)
+              a.out_scales[static_cast<size_t>(dst[i]) * (H / 128) + u / kUnitsPerBlock] = scale[j];
+          }
+        } else {
+          float v[kUnit];
+          dequantize_unit(q[j], scale[j], v);
+#pragma unroll
+          for (int i = 0; i < kMaxTopK; ++i)
+            if (dst[i] >= 0)
+              store_unit(reinterpret_cast<TOut*>(out) + static_cast<size_t>(dst[i]) * H + u * kUnit, v);
+        }
       }
     }
   }
@@ -467,13 +505,8 @@ __global__ void __launch_bounds__(kThreads) stage_rows_kernel(RedispatchArgs a) 
   const Stage st = stage_of(c, a.s, c.rank, epoch);
   const int units = a.s.H / kUnit, lane = lane_id();
   for (int t = blockIdx.x * kWarps + warp_id(); t < a.s.T; t += gridDim.x * kWarps) {
-    const char* src = static_cast<const char*>(a.y) + static_cast<size_t>(t) * units * UB;
-    char* dst = st.x + static_cast<size_t>(t) * units * UB;
-    for (int u = lane; u < units; u += 32) {
-      RawUnit<UB> r;
-      r.load(src + u * UB);
-      r.store(dst + u * UB);
-    }
+    copy_raw_row<UB>(static_cast<const char*>(a.y) + static_cast<size_t>(t) * units * UB,
+                     st.x + static_cast<size_t>(t) * units * UB, units);
   }
   if (last_block_done(c.control + kCtlDoneStage) && threadIdx.x == 0) signal_all(c, epoch);
 }
@@ -500,13 +533,7 @@ __global__ void __launch_bounds__(kThreads) redispatch_kernel(RedispatchArgs a) 
     const char* row = src == c.rank
                           ? static_cast<const char*>(a.y) + static_cast<size_t>(t) * units * UB
                           : stage_of(c, s, src, epoch).x + static_cast<size_t>(t) * units * UB;
-    for (int u = lane; u < units; u += 32) {
-      RawUnit<UB> r;
-      r.load(row + u * UB);
-#pragma unroll
-      for (int i = 0; i < kMaxTopK; ++i)
-        if (dst[i] >= 0) r.store(out + (static_cast<size_t>(dst[i]) * units + u) * UB);
-    }
+    copy_raw_to_rows<UB>(row, out, dst, units);
   }
   const int used = *a.num_rows;
   for (int p = used + blockIdx.x * kWarps + warp_id(); p < s.C; p += gridDim.x * kWarps) {

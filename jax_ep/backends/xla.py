@@ -45,6 +45,23 @@ def _gather_rows(src: jax.Array, flat_src: jax.Array) -> jax.Array:
     return jnp.take(src, flat_src, axis=0, mode="fill", fill_value=0)
 
 
+def _rounded(product: jax.Array, opaque_zero: jax.Array) -> jax.Array:
+    """The float32 product, rounded on its own before the add that follows.
+
+    XLA's CPU backend always lets LLVM fuse a multiply and an add into an FMA
+    (one rounding, where the kernels round twice). XOR-ing the product's bits
+    with a zero the compiler cannot prove is zero leaves the value unchanged
+    and hides the multiply from that fusion.
+    """
+    bits = lax.bitcast_convert_type(product, jnp.uint32) ^ opaque_zero
+    return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _opaque_zero(index: jax.Array) -> jax.Array:
+    """uint32 0, computed from data (row indices are never below -2)."""
+    return (jnp.min(index) < -2).astype(jnp.uint32)
+
+
 def _row_sources(src_rows: jax.Array, rows: int) -> jax.Array:
     """int32 [C]: flat (s * T + t) source of each output row, R*T for padding."""
     r, t, kr = src_rows.shape
@@ -171,13 +188,14 @@ def combine(
     dtype = expert_out.dtype
 
     acc = jnp.zeros((R, T, expert_out.shape[1]), jnp.float32)
+    zero = _opaque_zero(src_rows)
     for i in range(kr):
         p = src_rows[:, :, i]
         ok = p >= 0
         idx = jnp.where(ok, p, C)
         v = _gather_rows(expert_out, idx.reshape(-1)).reshape(R, T, -1).astype(jnp.float32)
         if weights is not None:
-            v = v * _gather_rows(weights, idx.reshape(-1)).reshape(R, T, 1)
+            v = _rounded(v * _gather_rows(weights, idx.reshape(-1)).reshape(R, T, 1), zero)
         acc = acc + jnp.where(ok[..., None], v, 0.0)
     back = _a2a(acc.astype(dtype), axis)  # [R(expert rank), T, H]
 
@@ -298,9 +316,10 @@ def ll_combine_recv(pending):
     R, M, kl, H = back.shape
     flat = jnp.transpose(back[:, :T], (1, 0, 2, 3)).reshape(T, R * kl, H)
     acc = jnp.zeros((T, H), jnp.float32)
+    zero = _opaque_zero(slot_pos)
     for k in range(K):
         sp = slot_pos[:, k]
         v = jnp.take_along_axis(flat, jnp.maximum(sp, 0)[:, None, None], axis=1)[:, 0]
-        term = weights[:, k : k + 1] * v.astype(jnp.float32)
+        term = _rounded(weights[:, k : k + 1] * v.astype(jnp.float32), zero)
         acc = acc + jnp.where((sp >= 0)[:, None], term, 0.0)
     return acc.astype(jnp.bfloat16)

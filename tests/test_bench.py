@@ -1,0 +1,343 @@
+"""The benchmark CLI (jax_ep.bench) at tiny sizes on CPU, its formulas, and the routing generators."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jax_ep import bench, routing_gen
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Tiny, fast settings shared by the CLI tests.
+FAST = ["--iters", "2", "--warmup", "1", "--reps", "2", "--copy-mb", "1", "--flush-mb", "1", "--quiet"]
+
+
+# ------------------------------------------------------------------ routing generators
+
+
+def test_group_limited_topk_shape_determinism_and_groups():
+    T, E, K, G, TG = 512, 64, 6, 8, 3
+    idx, w = routing_gen.group_limited_topk(7, T, E, K, n_group=G, topk_group=TG)
+    assert idx.shape == (T, K) and idx.dtype == np.int32
+    assert w.shape == (T, K) and w.dtype == np.float32
+    idx2, w2 = routing_gen.group_limited_topk(7, T, E, K, n_group=G, topk_group=TG)
+    np.testing.assert_array_equal(idx, idx2)
+    np.testing.assert_array_equal(w, w2)
+    idx3, _ = routing_gen.group_limited_topk(8, T, E, K, n_group=G, topk_group=TG)
+    assert not np.array_equal(idx, idx3)
+    assert idx.min() >= 0 and idx.max() < E
+    for row in idx:
+        assert len(set(row.tolist())) == K  # no repeated expert
+        assert len(set((row // (E // G)).tolist())) <= TG  # within topk_group groups
+    np.testing.assert_allclose(w.sum(axis=1), 1.0, rtol=1e-5)
+    assert (w > 0).all()
+
+
+def test_group_limited_topk_picks_the_best_groups():
+    # With a generator we can replay the logits and check the selection rule itself.
+    T, E, K, G, TG = 64, 32, 4, 4, 2
+    idx, _ = routing_gen.group_limited_topk(np.random.default_rng(3), T, E, K, n_group=G, topk_group=TG)
+    logits = np.random.default_rng(3).standard_normal((T, E), dtype=np.float32)
+    aff = 1 / (1 + np.exp(-logits))
+    g = aff.reshape(T, G, E // G)
+    score = np.sort(g, axis=2)[:, :, -2:].sum(axis=2)
+    for t in range(T):
+        best = set(np.argsort(-score[t])[:TG].tolist())
+        allowed = [e for e in range(E) if e // (E // G) in best]
+        want = sorted(allowed, key=lambda e: -aff[t, e])[:K]
+        assert idx[t].tolist() == want
+
+
+def test_group_limited_topk_accepts_a_jax_key():
+    import jax
+
+    a, _ = routing_gen.group_limited_topk(jax.random.key(1), 16, 32, 4)
+    b, _ = routing_gen.group_limited_topk(jax.random.key(1), 16, 32, 4)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_uniform_topk_is_distinct_and_even():
+    idx, w = routing_gen.uniform_topk(0, 4000, 32, 4)
+    assert all(len(set(r.tolist())) == 4 for r in idx)
+    counts = np.bincount(idx.ravel(), minlength=32)
+    assert counts.min() > 0.8 * counts.mean() and counts.max() < 1.2 * counts.mean()
+    np.testing.assert_allclose(w.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_zipf_topk_is_skewed_without_repeats():
+    T, E, K = 4000, 64, 4
+    idx, w = routing_gen.zipf_topk(5, T, E, K, s=1.2)
+    assert idx.dtype == np.int32 and w.dtype == np.float32
+    assert all(len(set(r.tolist())) == K for r in idx)
+    counts = np.bincount(idx.ravel(), minlength=E)
+    assert counts.max() > 4 * counts.mean()  # a few hot experts
+    assert np.median(counts) < counts.mean()
+    # The hot experts are the most popular ones of the seeded Zipf law.
+    p = routing_gen.zipf_popularity(E, 1.2, np.random.default_rng(5))
+    assert int(np.argmax(counts)) == int(np.argmax(p))
+    again, _ = routing_gen.zipf_topk(5, T, E, K, s=1.2)
+    np.testing.assert_array_equal(idx, again)
+    flat, _ = routing_gen.zipf_topk(5, T, E, K, s=0.0)
+    assert np.bincount(flat.ravel(), minlength=E).max() < 1.5 * counts.mean()
+
+
+def test_generate_falls_back_to_fewer_groups_for_small_expert_counts():
+    idx, w = routing_gen.generate("group", 0, 32, 16, 4)  # 8 groups of 2 experts, 4 kept: fits
+    assert idx.shape == (32, 4)
+    idx, _ = routing_gen.generate("group", 0, 32, 8, 6)  # 8 groups of 1: fewer groups needed
+    assert all(len(set(r.tolist())) == 6 for r in idx)
+    with pytest.raises(ValueError):
+        routing_gen.generate("bogus", 0, 4, 8, 2)
+
+
+# ------------------------------------------------------------------------ row counts
+
+
+def _hand_routing():
+    # R = 2 ranks, T = 2 tokens each, E = 4 experts (rank 0: 0, 1; rank 1: 2, 3), K = 3.
+    return np.array([
+        [0, 1, -1],   # rank 0, token 0: two experts on rank 0
+        [1, 2, -1],   # rank 0, token 1: one on rank 0, one on rank 1
+        [3, 9, -1],   # rank 1, token 0: 9 is invalid (no row), 3 on rank 1
+        [2, 2, -1],   # rank 1, token 1: repeated expert 2 -> one row
+    ], np.int32)
+
+
+def test_row_counts_hand_worked():
+    idx = _hand_routing()
+    np.testing.assert_array_equal(routing_gen.rows_exp(idx, 2, 4), [3, 3])
+    np.testing.assert_array_equal(routing_gen.rows_tok(idx, 2, 4), [2, 3])
+    np.testing.assert_array_equal(routing_gen.pair_tokens(idx, 2, 4), [[2, 1], [0, 2]])
+    np.testing.assert_array_equal(routing_gen.num_valid(idx, 2, 4), [4, 4])  # count(idx != -1)
+    rt = bench.routing_from(idx, np.ones(idx.shape, np.float32), 2, 4)
+    np.testing.assert_array_equal(rt.rows_exp, [3, 3])
+    np.testing.assert_array_equal(rt.rows_tok, [2, 3])
+    np.testing.assert_array_equal(rt.pair_tok, [[2, 1], [0, 2]])
+    # Roofline bytes of this example, tokens layout (rows_out = rows_tok), H = 128, BF16.
+    roof, stage = bench.normal_bytes("dispatch", 2, 128, rt.rows_tok, rt.rows_tok)
+    np.testing.assert_allclose(roof, [2 * 128 * 2 + 2 * 128 * 2, 2 * 128 * 2 + 3 * 128 * 2])
+    np.testing.assert_allclose(stage - roof, [2 * 2 * 128 * 2, 2 * 3 * 128 * 2])
+
+
+def test_byte_formulas_hand_worked():
+    T, H = 2, 128
+    rows_exp, rows_tok = np.array([3, 3]), np.array([2, 3])
+    roof, stage = bench.normal_bytes("dispatch", T, H, rows_exp, rows_tok, "bf16")
+    np.testing.assert_allclose(roof, [2 * 128 * 2 + 3 * 128 * 2] * 2)  # 1280 each
+    np.testing.assert_allclose(stage, [1280 + 2 * 2 * 128 * 2, 1280 + 2 * 3 * 128 * 2])
+    roof8, stage8 = bench.normal_bytes("dispatch", T, H, rows_exp, rows_tok, "fp8")
+    b8 = 1 + 4 / 128
+    np.testing.assert_allclose(roof8, [512 + 3 * 128 * b8] * 2)
+    np.testing.assert_allclose(stage8, [512 + 3 * 128 * b8 + 2 * 2 * 128 * b8,
+                                        512 + 3 * 128 * b8 + 2 * 3 * 128 * b8])
+    roofc, _ = bench.normal_bytes("combine", T, H, rows_exp, rows_tok)
+    np.testing.assert_allclose(roofc, [3 * 128 * 2 + 2 * 128 * 2] * 2)
+    # Ranks sharing one GPU add up; one GPU each: the busiest GPU counts.
+    assert bench.limit_seconds([1280, 1280], ["g", "g"], 1e3) == pytest.approx(2.56)
+    assert bench.limit_seconds([1280, 2000], ["a", "b"], 1e3) == pytest.approx(2.0)
+    # Link: remote rows in/out per rank (pair [[2, 1], [0, 2]]: rank 0 sends 1, rank 1 receives 1).
+    assert bench.link_seconds(np.array([[2, 1], [0, 2]]), H, 2.0, 256.0) == pytest.approx(1.0)
+
+
+def test_formulas_match_the_published_anchors():
+    # EP1, 4096 tokens, hidden 7168, top-8, BF16: ~0.53 GB each way, ~179 µs at 2.96 TB/s.
+    T, H, K = 4096, 7168, 8
+    roof, _ = bench.normal_bytes("dispatch", T, H, [T * K], [T], "bf16")
+    assert roof[0] / 1e9 == pytest.approx(0.5285, rel=1e-3)
+    assert bench.limit_seconds(roof, ["g"], 2.96e12) * 1e6 == pytest.approx(178.6, rel=1e-3)
+    # EP8 tokens layout with uniform routing: staging bytes ~2.7x the roofline's.
+    idx, _ = routing_gen.uniform_topk(0, 8 * 512, 256, 8)
+    rows_tok = routing_gen.rows_tok(idx, 8, 256) * (T // 512)
+    roof, stage = bench.normal_bytes("dispatch", T, H, rows_tok, rows_tok)
+    assert stage.sum() / roof.sum() == pytest.approx(2.68, abs=0.03)
+    # DeepEP's 95 GB/s at 3,268 µs is the logical bandwidth of ~21.7k rows per rank.
+    assert bench.logical_gbps(21_658, H, 3268e-6) == pytest.approx(95.0, rel=1e-3)
+    assert bench.logical_gbps(1000, 1000, 1e-3) == pytest.approx(2.0)
+    assert bench.logical_gbps(1000, 1000, 1e-3, "fp8") == pytest.approx(2.0 * (1 + 4 / 128) / 2)
+    # Low latency messages.
+    assert bench.ll_message_bytes(7168, True) == 7168 + 56 * 4 + 16
+    assert bench.ll_message_bytes(7168, False) == 2 * 7168
+    np.testing.assert_allclose(bench.ll_bytes([10, 2], 7168, True), [74080, 14816])
+
+
+def test_sm_values_clamps_to_the_share():
+    assert bench.sm_values("auto", 16) == ([4, 8, 16], [])
+    assert bench.sm_values(None, 132)[0] == [4, 8, 16, 32, 64, 128, 132]
+    vals, notes = bench.sm_values("8,24,16", 16)
+    assert vals == [8, 16] and len(notes) == 1 and "24" in notes[0]
+
+
+def test_stats_and_round_up():
+    s = bench.stats_us([1e-6 * v for v in range(1, 11)])
+    assert s["median"] == pytest.approx(5.5) and s["n"] == 10
+    assert s["p10"] == pytest.approx(1.9) and s["p90"] == pytest.approx(9.1)
+    assert bench.round_up(1, 128) == 128 and bench.round_up(257, 128) == 384
+    assert bench.round_up(256, 128) == 256
+
+
+# ------------------------------------------------------------------------ the CLI
+
+
+def _load(path: Path) -> dict:
+    data = json.loads(path.read_text())
+    for key in ("mode", "machine", "config", "copy", "limits", "rows", "notes"):
+        assert key in data, key
+    for key in ("device_kind", "jax", "date", "processes", "devices"):
+        assert key in data["machine"], key
+    assert data["copy"]["B"] > 0
+    return data
+
+
+def _is_png(path: Path) -> bool:
+    return path.exists() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_normal_one_device(tmp_path, capsys):
+    js, png = tmp_path / "n1.json", tmp_path / "n1.png"
+    rc = bench.main(["normal", "--devices", "1", "--tokens", "32", "--hidden", "128", "--experts", "8",
+                     "--top-k", "2", "--layout", "experts", "--dtype", "bf16",
+                     "--backends", "cuda,xla,sort", *FAST, "--json", str(js), "--plot", str(png)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "jax_ep normal" in out and "max_rows" in out and "copy bandwidth B" in out
+    data = _load(js)
+    rows = {(r["backend"], r["direction"]): r for r in data["rows"]}
+    assert set(rows) == {("xla", "dispatch"), ("xla", "combine"), ("sort", "dispatch"),
+                         ("sort", "combine"), ("cuda", "dispatch"), ("cuda", "combine")}
+    assert rows[("xla", "dispatch")]["check"] == "ref"
+    assert rows[("sort", "dispatch")]["check"] == "ok"  # the same rows, bit for bit
+    assert rows[("sort", "combine")]["check"].startswith("ok")
+    assert rows[("cuda", "dispatch")]["us"] is None and rows[("cuda", "dispatch")]["note"] == "n/a"
+    for key in (("xla", "dispatch"), ("sort", "combine")):
+        r = rows[key]
+        assert r["us"] is not None and r["us_wall"] > 0 and r["ranks"] == 1 and r["procs"] == 1
+        assert r["max_rows"] == 128 and r["roofline_us"] > 0 and r["staging_us"] >= r["roofline_us"]
+    r = rows[("xla", "dispatch")]
+    if r["us"] > 0:
+        assert r["gbps"] > 0 and r["x_roofline"] > 0
+    if rows[("sort", "dispatch")]["us"] and r["us"]:
+        assert r["vs_sort"] == pytest.approx(rows[("sort", "dispatch")]["us"] / r["us"])
+    assert _is_png(png)
+
+
+def test_cli_normal_eight_devices(tmp_path, capsys):
+    js = tmp_path / "n8.json"
+    rc = bench.main(["normal", "--tokens", "16", "--hidden", "128", "--experts", "16", "--top-k", "4",
+                     "--layout", "tokens", "--dtype", "fp8", "--routing", "zipf",
+                     "--backends", "xla,sort", "--timer", "wall", *FAST, "--json", str(js)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    data = _load(js)
+    assert data["machine"]["devices"] == 8
+    xla = [r for r in data["rows"] if r["backend"] == "xla"]
+    assert {(r["direction"], r["dtype"]) for r in xla} == {("dispatch", "fp8"), ("combine", "bf16")}
+    assert all(r["check"] == "ref" and r["ranks"] == 8 and r["layout"] == "tokens" for r in xla)
+    assert all(r["timer"] == "wall" and r["us"] == r["us_wall"] for r in xla)
+    lim = [l for l in data["limits"] if l["direction"] == "dispatch"][0]
+    # max_rows is the most rows any rank receives, rounded up to 128.
+    assert lim["max_rows"] % 128 == 0 and lim["max_rows"] >= lim["rows_out_max"]
+    assert lim["rows_out_max"] == lim["rows_tok_max"]  # tokens layout
+
+
+def test_cli_low_latency(tmp_path, capsys):
+    js, png = tmp_path / "ll.json", tmp_path / "ll.png"
+    rc = bench.main(["low-latency", "--devices", "1", "--tokens", "4", "--hidden", "128",
+                     "--experts", "8", "--top-k", "2", "--backends", "xla,cuda", "--timer", "wall", *FAST,
+                     "--json", str(js), "--plot", str(png)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "jax_ep low-latency" in out
+    data = _load(js)
+    assert data["mode"] == "low-latency"
+    xla = [r for r in data["rows"] if r["backend"] == "xla"]
+    assert sorted((r["tokens"], r["direction"]) for r in xla) == [
+        (4, "combine"), (4, "dispatch"), (4, "round trip")]
+    for r in xla:
+        assert r["check"] == "ref" and r["us"] is not None
+        fp8, bf16 = bench.ll_message_bytes(128, True), bench.ll_message_bytes(128, False)
+        msg = {"dispatch": fp8, "combine": bf16, "round trip": fp8 + bf16}[r["direction"]]
+        assert r["bytes_per_rank"] == pytest.approx(r["tokens"] * 2 * msg)  # top-2, no -1 slots
+    assert all(r["note"] == "n/a" for r in data["rows"] if r["backend"] == "cuda")
+    assert _is_png(png)
+
+
+def test_cli_cuda_path_with_a_stand_in_backend(tmp_path, capsys, monkeypatch):
+    """The cuda rows (SM sweep, buffer, checks against xla) with the xla backend standing in."""
+    import jax_ep
+
+    real = jax_ep.dispatch
+    made = []
+
+    class StandInBuffer:
+        def __init__(self, mesh, axis, **kw):
+            made.append(kw)
+            self.closed = False
+
+        def close(self):
+            self.closed = True
+
+    def dispatch(*a, backend="auto", buffer=None, config=None, **k):
+        assert backend in ("xla", "cuda")
+        if backend == "cuda":
+            assert isinstance(buffer, StandInBuffer) and config.num_sms in (4, 8)
+        return real(*a, backend="xla", config=config, **k)
+
+    monkeypatch.setattr(jax_ep, "dispatch", dispatch)
+    monkeypatch.setattr(jax_ep, "Buffer", StandInBuffer)
+    monkeypatch.setattr(bench.Job, "cuda_runs", lambda self: (True, ""))
+    js, png = tmp_path / "c.json", tmp_path / "c.png"
+    rc = bench.main(["normal", "--devices", "1", "--tokens", "32", "--hidden", "128", "--experts", "8",
+                     "--top-k", "2", "--layout", "tokens", "--dtype", "bf16", "--sms", "4,8",
+                     "--backends", "cuda,xla", "--timer", "wall", *FAST, "--json", str(js),
+                     "--plot", str(png)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert made and made[0]["max_tokens_per_rank"] == 32 and made[0]["hidden"] == 128
+    rows = [r for r in _load(js)["rows"] if r["backend"] == "cuda"]
+    assert sorted((r["sms"], r["direction"]) for r in rows) == [
+        (4, "combine"), (4, "dispatch"), (8, "combine"), (8, "dispatch")]
+    assert all(r["check"] == "ok" and r["us"] is not None for r in rows)
+    assert all(r["vs_xla"] is not None and r["deepep_us"] is None for r in rows)
+    assert _is_png(png)
+
+
+def test_deepep_figures_only_for_the_same_setting():
+    from types import SimpleNamespace
+
+    shape = dict(bench.DEEPEP_SHAPE)
+    harness = SimpleNamespace(shared_gpu=True, nproc=8, R=8)
+    assert bench._deepep(harness, "dispatch", "bf16", 16, shape) == (3268, 95)
+    assert bench._deepep(harness, "combine", "bf16", 8, shape) == (3195, 97)
+    assert bench._deepep(harness, "dispatch", "fp8", 4, shape) is None  # no figure at 4 SMs
+    assert bench._deepep(harness, "dispatch", "bf16", 16, dict(shape, tokens=8192)) is None
+    ep2 = SimpleNamespace(shared_gpu=True, nproc=2, R=2)
+    assert bench._deepep(ep2, "dispatch", "fp8", 64, shape) == (202, 299)
+    gpus = SimpleNamespace(shared_gpu=False, nproc=8, R=8)  # eight real GPUs: another setting
+    assert bench._deepep(gpus, "dispatch", "bf16", 16, shape) is None
+
+
+def test_module_entry_point_help():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    r = subprocess.run([sys.executable, "-m", "jax_ep.bench", "normal", "--help"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    for opt in ("--tokens", "--dtype", "--layout", "--routing", "--backends", "--sms", "--json", "--plot"):
+        assert opt in r.stdout
+    r = subprocess.run([sys.executable, "-m", "jax_ep.bench", "low-latency", "--help"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "--round-scale" in r.stdout
+
+
+def test_bad_arguments_exit_with_a_message():
+    with pytest.raises(SystemExit):
+        bench.main(["normal", "--layout", "rows"])
+    with pytest.raises(SystemExit):
+        bench.main(["normal", "--iters", "0"])
