@@ -374,8 +374,9 @@ def make_job(devices_arg: Optional[int] = None) -> Job:
     per_gpu = max(gpu_of_rank.count(g) for g in set(gpu_of_rank))
     sms = getattr(devices[0], "core_count", None) if platform == "gpu" else None
     sms = int(sms) if sms else DEFAULT_SMS_PER_GPU
-    cap = max(1, sms // per_gpu)
     mps = os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")
+    # Under an MPS share the device already reports this process's SMs only.
+    cap = max(1, sms if (mps and platform == "gpu") else sms // per_gpu)
     if mps and platform == "gpu":
         notes.append(f"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE={mps}: each process may use {mps}% of the SMs; "
                      "B also counts every rank copying at once")
@@ -496,6 +497,9 @@ class Timer:
                     args, sc, last = lax.optimization_barrier((args, sc, last))
                 return args, sc, last
 
+            from .vma import like_inputs
+
+            acc = like_inputs(acc, ins)  # the op's results vary over the EP axis
             _, sc, last = lax.fori_loop(0, reps, step, (tuple(ins), scratch, acc))
             return sc, last
 

@@ -64,8 +64,8 @@ def dispatch(
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     R = axis_size(axis_name)
     check_num_experts(num_experts, R)
-    if capacity_factor is not None and not (capacity_factor > 0):
-        raise ValueError(f"capacity_factor must be > 0 (or None for dropless), got {capacity_factor!r}")
+    if capacity_factor is not None and not (capacity_factor >= 0):
+        raise ValueError(f"capacity_factor must be >= 0 (or None for dropless), got {capacity_factor!r}")
     if max_rows is not None and (not isinstance(max_rows, int) or max_rows < 1):
         raise ValueError(f"max_rows must be a positive int, got {max_rows!r}")
     if fp8 and H % fp8_lib.BLOCK:
@@ -89,10 +89,11 @@ def dispatch(
         axis_name=axis_name, num_experts=num_experts, num_ranks=R, layout=layout, rows=rows,
         hidden=H, top_k=K, backend=kind, buffer_id=buffer_id, capacity=cap,
     )
-    if topk_weights is None:
+    weighted = topk_weights is not None
+    if not weighted:
         topk_weights = jnp.ones((T, K), jnp.float32)
     num_sms = backends.num_sms(config)
-    fn = _dispatch_fn(meta, bool(fp8), out_dtype, jnp.dtype(x.dtype), num_sms)
+    fn = _dispatch_fn(meta, bool(fp8), out_dtype, jnp.dtype(x.dtype), num_sms, weighted)
     return fn(x, topk_idx.astype(jnp.int32), topk_weights.astype(jnp.float32))
 
 
@@ -122,6 +123,8 @@ def combine(
                 "per-expert weights [C, K] inside the expert computation"
             )
         check_shape("weights", weights, (meta.rows,))
+        if not jnp.issubdtype(weights.dtype, jnp.floating):
+            raise TypeError(f"weights must be float32 row weights, got dtype {weights.dtype}")
         weights = weights.astype(jnp.float32)
     fn = _combine_fn(meta, weights is not None, backends.num_sms(config))
     return fn(expert_out, weights, handle)
@@ -143,7 +146,7 @@ def _check_tokens(x, topk_idx, topk_weights):
 
 
 @functools.lru_cache(maxsize=None)
-def _dispatch_fn(meta: RoutingMeta, fp8: bool, out_dtype, x_dtype, num_sms: int):
+def _dispatch_fn(meta: RoutingMeta, fp8: bool, out_dtype, x_dtype, num_sms: int, weighted: bool):
     impl = backends.normal_impl(meta)
 
     def forward(x, idx, w):
@@ -171,8 +174,10 @@ def _dispatch_fn(meta: RoutingMeta, fp8: bool, out_dtype, x_dtype, num_sms: int)
                 "pass out_dtype=jnp.bfloat16 to dequantize on arrival and get a BF16 "
                 "combine as the backward pass"
             )
-        dx, dw = impl.combine(ct.x, None, handle, row_vals=ct.weights, num_sms=num_sms)
-        return dx.astype(x_dtype), None, dw
+        dx, dw = impl.combine(ct.x, None, handle, row_vals=ct.weights if weighted else None,
+                              num_sms=num_sms)
+        # Without topk_weights the ones made here are no input of the caller's.
+        return dx.astype(x_dtype), None, (dw if weighted else None)
 
     f.defvjp(f_fwd, f_bwd)
     return f

@@ -69,7 +69,19 @@ def rows_needed(
     `hidden * itemsize` for the bytes of `out.x` (DeepSeek-V3 dropless, 4096
     tokens, EP8, 256 experts, top-8, hidden 7168, BF16: 3.8 GB per rank).
     """
+    for name, v in (("num_tokens", num_tokens), ("top_k", top_k), ("num_experts", num_experts),
+                    ("num_ranks", num_ranks)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if num_experts % num_ranks:
+        raise ValueError(f"num_experts ({num_experts}) must be divisible by num_ranks ({num_ranks})")
+    if layout not in ("experts", "tokens"):
+        raise ValueError(f"layout must be 'experts' or 'tokens', got {layout!r}")
+    if capacity_factor is not None and not capacity_factor >= 0:
+        raise ValueError(f"capacity_factor must be >= 0 (or None for dropless), got {capacity_factor!r}")
     if max_rows is not None:
+        if not isinstance(max_rows, int) or max_rows < 1:
+            raise ValueError(f"max_rows must be a positive int, got {max_rows!r}")
         return int(max_rows)
     e_local = num_experts // num_ranks
     c = capacity(capacity_factor, num_tokens, top_k, num_experts)
@@ -128,11 +140,11 @@ def sender_routing(
     row = kept & first
     row_idx = jnp.where(row, idx, -1)
 
-    # Row weight: the kept slots holding this id, added in slot order from +0.0.
+    # Row weight: the kept slots holding this id, added in slot order from -0.0.
     same_kept = (idx[:, :, None] == idx[:, None, :]) & kept[:, None, :]
-    acc = jnp.zeros((t, k), jnp.float32)
+    acc = jnp.full((t, k), -0.0, jnp.float32)
     for j in range(k):
-        acc = acc + jnp.where(same_kept[:, :, j], w[:, j : j + 1], 0.0)
+        acc = jnp.where(same_kept[:, :, j], acc + w[:, j : j + 1], acc)
     row_w = jnp.where(row, acc, 0.0)
     kept_w = jnp.where(kept, w, 0.0)
 

@@ -375,7 +375,7 @@ __device__ __forceinline__ float* vals_slot(const CallCtx& c, const NormalShape&
 // local-expert order in float32 and round to T. kLocal (one rank) finishes
 // the token side too, writing y directly; otherwise the partial is pushed to
 // the source's buffer and every rank is signalled at the end.
-template <typename T, bool kLocal>
+template <typename T, bool kLocal, int kSlots>
 __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineArgs a) {
   const CallCtx& c = a.c;
   const NormalShape& s = a.s;
@@ -399,23 +399,23 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineArgs a) {
     T* out = kLocal ? static_cast<T*>(a.y) + static_cast<size_t>(t) * s.H
                     : comb_slot<T>(c, s, src, c.rank, t, epoch);
     for (int u = lane; u < units; u += 32) {
-      float acc[kUnit];
+      // Issue every row's load first (predicated, independent), then add in order.
+      float v[kSlots][kUnit];
 #pragma unroll
-      for (int j = 0; j < kUnit; ++j) acc[j] = 0.f;
+      for (int i = 0; i < kSlots; ++i)
+        if (dst[i] >= 0) load_unit(eo + static_cast<size_t>(dst[i]) * s.H + u * kUnit, v[i]);
+      float acc[kUnit];  // from -0.0, the additive identity
 #pragma unroll
-      for (int i = 0; i < kMaxTopK; ++i) {
+      for (int j = 0; j < kUnit; ++j) acc[j] = -0.f;
+#pragma unroll
+      for (int i = 0; i < kSlots; ++i) {
         if (dst[i] < 0) continue;
-        float v[kUnit];
-        load_unit(eo + static_cast<size_t>(dst[i]) * s.H + u * kUnit, v);
 #pragma unroll
         for (int j = 0; j < kUnit; ++j)
-          acc[j] = __fadd_rn(acc[j], a.weights != nullptr ? __fmul_rn(v[j], wt[i]) : v[j]);
+          acc[j] = __fadd_rn(acc[j], a.weights != nullptr ? __fmul_rn(v[i][j], wt[i]) : v[i][j]);
       }
-      if (kLocal) {  // token side of a single rank: 0 + round(partial), rounded again
-#pragma unroll
-        for (int j = 0; j < kUnit; ++j)
-          acc[j] = __fadd_rn(0.f, Num<T>::to_f32(Num<T>::from_f32(acc[j])));
-      }
+      // One rank: the token side adds the rounded partial to -0.0 and rounds
+      // again, which leaves it unchanged, so the partial is the result.
       store_unit(out + u * kUnit, acc);
     }
     if (a.row_vals != nullptr) {
@@ -469,7 +469,7 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineArgs a) {
     for (int u = lane; u < units; u += 32) {
       float acc[kUnit];
 #pragma unroll
-      for (int j = 0; j < kUnit; ++j) acc[j] = 0.f;
+      for (int j = 0; j < kUnit; ++j) acc[j] = -0.f;
       for (int r = 0; r < R; ++r) {
         if (!((mask >> r) & 1u)) continue;
         float v[kUnit];
@@ -607,8 +607,13 @@ cudaError_t dispatch_typed(const DispatchArgs& a, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t combine_typed(const CombineArgs& a, cudaStream_t stream) {
-  if (a.c.nranks == 1) return launch(combine_send_kernel<T, true>, a.num_sms, 0, stream, a);
-  JAX_EP_RETURN_IF_ERROR(launch(combine_send_kernel<T, false>, a.num_sms, 0, stream, a));
+  const bool wide = a.s.Kr > 8;
+  if (a.c.nranks == 1)
+    return launch(wide ? combine_send_kernel<T, true, 16> : combine_send_kernel<T, true, 8>,
+                  a.num_sms, 0, stream, a);
+  JAX_EP_RETURN_IF_ERROR(launch(
+      wide ? combine_send_kernel<T, false, 16> : combine_send_kernel<T, false, 8>, a.num_sms, 0,
+      stream, a));
   return launch(combine_recv_kernel<T>, a.num_sms, 0, stream, a);
 }
 

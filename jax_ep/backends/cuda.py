@@ -18,6 +18,7 @@ import numpy as np
 
 from .. import fp8 as fp8_lib
 from ..routing import SenderRouting
+from ..vma import like_inputs
 from ..types import DispatchHandle, RoutingMeta
 
 try:
@@ -130,29 +131,6 @@ def _i64(v) -> np.int64:
     return np.int64(v)
 
 
-def _vma(x) -> set:
-    """The manual mesh axes x varies over (the attribute moved across JAX versions)."""
-    t = jax.typeof(x)
-    m = getattr(t, "manual_axis_type", None)
-    if m is not None:
-        return set(m.varying)
-    return set(getattr(t, "vma", ()) or ())
-
-
-def _varying(outs, *inputs):
-    """Mark FFI results as varying over every manual axis their inputs vary
-    over (shard_map's check_vma cannot see through a custom call)."""
-    axes = set()
-    for x in jax.tree.leaves(inputs):
-        axes |= _vma(x)
-    if not axes:
-        return outs
-
-    def fix(o):
-        missing = tuple(sorted(axes - _vma(o)))
-        return jax.lax.pcast(o, missing, to="varying") if missing else o
-
-    return jax.tree.map(fix, outs)
 
 
 def _sds(shape, dtype):
@@ -182,7 +160,7 @@ def dispatch(x, routing: SenderRouting, meta: RoutingMeta, *, fp8: bool, out_dty
         x, idx, w, buffer_id=_i64(meta.buffer_id), layout=_i64(int(tokens)),
         num_experts=_i64(meta.num_experts), out_kind=_i64(kind), num_sms=_i64(num_sms),
     )
-    out_x, scales, out_w, topk, sizes, overflow, src_rows, num_rows, epoch = _varying(outs, x, idx, w)
+    out_x, scales, out_w, topk, sizes, overflow, src_rows, num_rows, epoch = like_inputs(outs, x, idx, w)
     if kind == _OUT_FP8:
         out_x = fp8_lib.Fp8Array(out_x, scales)
     handle = DispatchHandle(
@@ -203,7 +181,7 @@ def combine(expert_out, weights, handle: DispatchHandle, row_vals=None, num_sms:
         _sds((1,), jnp.int32),
     )
     call = jax.ffi.ffi_call("jax_ep_combine", shapes, has_side_effect=True)
-    y, slot_vals, _ = _varying(call(
+    y, slot_vals, _ = like_inputs(call(
         expert_out, empty if weights is None else weights,
         empty if row_vals is None else row_vals.astype(jnp.float32), handle.src_rows,
         handle.dst_mask, handle.slot_pos, handle.epoch, buffer_id=_i64(meta.buffer_id),
@@ -217,7 +195,7 @@ def redispatch(y, handle: DispatchHandle, num_sms: int = 24):
     meta = handle.meta
     shapes = (_sds((meta.rows, y.shape[1]), y.dtype), _sds((1,), jnp.int32))
     call = jax.ffi.ffi_call("jax_ep_redispatch", shapes, has_side_effect=True)
-    rows, _ = _varying(call(
+    rows, _ = like_inputs(call(
         y, handle.src_rows, handle.dst_mask, handle.num_rows, handle.epoch,
         buffer_id=_i64(meta.buffer_id), num_experts=_i64(meta.num_experts),
         num_sms=_i64(num_sms),

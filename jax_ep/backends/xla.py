@@ -4,7 +4,8 @@ Normal mode moves a padded `[R, T, ...]` block per destination with
 `lax.all_to_all` (row t of block r is token t, zero unless it has a row on r),
 so the receiver knows each row's source token without any extra metadata.
 Receivers expand tokens into expert rows with one gather; combine reduces in
-the exact order of DESIGN 3.1 with unrolled float32 adds.
+the exact order of DESIGN 3.1 with unrolled float32 adds into accumulators
+that start at -0.0 (the additive identity) and skip absent terms.
 """
 
 from __future__ import annotations
@@ -187,7 +188,7 @@ def combine(
     _, T, kr = src_rows.shape
     dtype = expert_out.dtype
 
-    acc = jnp.zeros((R, T, expert_out.shape[1]), jnp.float32)
+    acc = jnp.full((R, T, expert_out.shape[1]), -0.0, jnp.float32)
     zero = _opaque_zero(src_rows)
     for i in range(kr):
         p = src_rows[:, :, i]
@@ -196,13 +197,13 @@ def combine(
         v = _gather_rows(expert_out, idx.reshape(-1)).reshape(R, T, -1).astype(jnp.float32)
         if weights is not None:
             v = _rounded(v * _gather_rows(weights, idx.reshape(-1)).reshape(R, T, 1), zero)
-        acc = acc + jnp.where(ok[..., None], v, 0.0)
+        acc = jnp.where(ok[..., None], acc + v, acc)
     back = _a2a(acc.astype(dtype), axis)  # [R(expert rank), T, H]
 
     mask = handle.dst_mask.astype(bool)  # [T, R]
-    y = jnp.zeros((T, expert_out.shape[1]), jnp.float32)
+    y = jnp.full((T, expert_out.shape[1]), -0.0, jnp.float32)
     for r in range(R):
-        y = y + jnp.where(mask[:, r : r + 1], back[r].astype(jnp.float32), 0.0)
+        y = jnp.where(mask[:, r : r + 1], y + back[r].astype(jnp.float32), y)
     y = y.astype(dtype)
 
     slot_vals = None
@@ -315,11 +316,11 @@ def ll_combine_recv(pending):
     T, K = slot_pos.shape
     R, M, kl, H = back.shape
     flat = jnp.transpose(back[:, :T], (1, 0, 2, 3)).reshape(T, R * kl, H)
-    acc = jnp.zeros((T, H), jnp.float32)
+    acc = jnp.full((T, H), -0.0, jnp.float32)
     zero = _opaque_zero(slot_pos)
     for k in range(K):
         sp = slot_pos[:, k]
         v = jnp.take_along_axis(flat, jnp.maximum(sp, 0)[:, None, None], axis=1)[:, 0]
         term = _rounded(weights[:, k : k + 1] * v.astype(jnp.float32), zero)
-        acc = acc + jnp.where((sp >= 0)[:, None], term, 0.0)
+        acc = jnp.where((sp >= 0)[:, None], acc + term, acc)
     return acc.astype(jnp.bfloat16)
