@@ -108,12 +108,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"({E // R}/device), top-{K} from {args.topk_groups} of {args.groups} groups, "
         f"{args.dtype}{' + fp8 dispatch' if args.fp8 else ''}")
     buffer = _make_buffer(mesh, args, dtype)
-    backend = "xla" if args.backend == "xla" else ("cuda" if buffer is not None and buffer.allocated else "xla")
-    if args.backend == "cuda":
-        backend = "cuda"
-    say(f"  backend: {args.backend} -> {backend}")
+    kernels = args.backend == "cuda" or (args.backend == "auto" and buffer is not None and buffer.allocated)
+    say(f"  backend: {args.backend} -> {'cuda (kernels)' if kernels else 'xla'}")
 
-    tok, ep, rep = NamedSharding(mesh, P("ep")), NamedSharding(mesh, P("ep")), NamedSharding(mesh, P())
+    split = NamedSharding(mesh, P("ep"))  # tokens and experts alike
 
     @jax.jit
     def make_inputs(key):
@@ -128,12 +126,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         r = deepseek_gating(logits, jnp.zeros((E,)), top_k=K, n_group=args.groups,
                             topk_group=args.topk_groups, routed_scaling_factor=2.5)
         out = (x, r.topk_idx, r.topk_weights, w_gate_up, w_down)
-        return jax.lax.with_sharding_constraint(out, (tok, tok, tok, ep, ep))
+        return jax.lax.with_sharding_constraint(out, (split,) * 5)
 
     def per_device(x, idx, w, w_gate_up, w_down):
         out = jax_ep.dispatch(
             x, idx, w, num_experts=E, axis_name="ep", capacity_factor=args.capacity_factor,
-            max_rows=max_rows, fp8=args.fp8, out_dtype=dtype if args.fp8 else None, buffer=buffer, backend=args.backend,
+            max_rows=max_rows, fp8=args.fp8, out_dtype=dtype if args.fp8 else None, buffer=buffer,
+            backend=args.backend,
         )
         rows = swiglu_ffn(out.x, w_gate_up, w_down, out.group_sizes)
         y = jax_ep.combine(rows, out.handle, weights=out.weights)
@@ -152,7 +151,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         h = jnp.einsum("nh,ehf->nef", xf, w_gate_up.astype(jnp.float32))
         gate, up = jnp.split(h, 2, axis=-1)
         out = jnp.einsum("nef,efh->neh", jax.nn.silu(gate) * up, w_down.astype(jnp.float32))
-        dense_w = jnp.zeros((x.shape[0], E), jnp.float32).at[jnp.arange(x.shape[0])[:, None], idx].add(w)
+        tokens = jnp.arange(x.shape[0])[:, None]
+        dense_w = jnp.zeros((x.shape[0], E), jnp.float32).at[tokens, idx].add(w)
         return jnp.einsum("ne,neh->nh", dense_w, out)
 
     @jax.jit
@@ -160,9 +160,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sizes, used, overflow, dropped = stats
         per_expert = sizes.reshape(-1).astype(jnp.float32)
         err = jnp.max(jnp.abs(y.astype(jnp.float32) - ref))
-        return dict(err=err, scale=jnp.max(jnp.abs(ref)), min=per_expert.min(), mean=per_expert.mean(),
-                    max=per_expert.max(), used=jnp.max(used), overflow=jnp.sum(overflow),
-                    dropped=jnp.sum(dropped))
+        return dict(err=err, scale=jnp.max(jnp.abs(ref)), min=per_expert.min(),
+                    mean=per_expert.mean(), max=per_expert.max(), used=jnp.max(used),
+                    overflow=jnp.sum(overflow), dropped=jnp.sum(dropped))
 
     inputs = make_inputs(jax.random.key(args.seed))
     t0 = time.perf_counter()
@@ -179,7 +179,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     C = jax_ep.rows_needed(T, K, E, R, capacity_factor=args.capacity_factor, max_rows=max_rows)
     tol = TOLERANCE["fp8" if args.fp8 else args.dtype]
     rel = s["err"] / max(s["scale"], 1e-30)
-    say(f"  dispatch -> SwiGLU experts (ragged_dot) -> combine, inside shard_map")
+    say("  dispatch -> SwiGLU experts (ragged_dot) -> combine, inside shard_map")
     say(f"  rows per expert: min {s['min']:.0f}, mean {s['mean']:.1f}, max {s['max']:.0f} "
         f"(routed pairs {T * R * K}); busiest device used {s['used']:.0f} of {C} static rows")
     say(f"  dropped slots: {s['dropped']:.0f}, overflowed rows: {s['overflow']:.0f}")

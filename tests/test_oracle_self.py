@@ -106,9 +106,9 @@ def test_invalid_and_repeated_ids():
     assert rt.row_weight[1, 0] == 2.0
     g = oracle.weight_grad(rt, np.arange(8, dtype=np.float32).reshape(2, 4) + 1)
     np.testing.assert_array_equal(g, [[[0, 1], [0, 0]], [[2, 2], [5, 5]]])
-    # Without weights every real row weighs 1.0.
+    # Without weights every slot weighs 1.0: the repeated expert's row weighs 2.0.
     rt = oracle.route(idx, None, num_experts=4)
-    np.testing.assert_array_equal(rt.row_weight[0, :2], [1, 1])
+    np.testing.assert_array_equal(rt.row_weight[0, :2], [1, 2])
     # Tokens layout keeps every slot as sent, group_sizes counts distinct pairs.
     rt = oracle.route(idx, w, num_experts=4, layout="tokens")
     np.testing.assert_array_equal(rt.out_topk_idx[0, 1], [1, 1])

@@ -35,7 +35,7 @@ class BalanceBias(nnx.Variable):
 
 
 class MoEStats(NamedTuple):
-    """Load statistics of one call, summed over every device of the mesh.
+    """Load statistics of one call, summed over the devices of `token_axes`.
 
     tokens_per_expert: int32 [E]  (token, slot) pairs routed to each expert.
     max_violation:     float32 [] max / mean load - 1 (0 = perfectly balanced).
