@@ -486,6 +486,8 @@ class Timer:
         """
         from jax import lax
 
+        from .vma import like_inputs
+
         def program(ins, scratch, one, acc):
             def step(i, carry):
                 args, sc, last = carry
@@ -493,11 +495,9 @@ class Timer:
                     sc = sc * one
                 args, sc = lax.optimization_barrier((args, sc))
                 if op is not None:
-                    last = op(*args)
+                    last = like_inputs(op(*args), args)
                     args, sc, last = lax.optimization_barrier((args, sc, last))
                 return args, sc, last
-
-            from .vma import like_inputs
 
             acc = like_inputs(acc, ins)  # the op's results vary over the EP axis
             _, sc, last = lax.fori_loop(0, reps, step, (tuple(ins), scratch, acc))

@@ -81,17 +81,22 @@ __global__ void __launch_bounds__(kThreads) stage_kernel(DispatchArgs a, bool co
     const T* row = x + static_cast<size_t>(t) * s.H;
     if constexpr (kFp8) {
       uint8_t* q_row = reinterpret_cast<uint8_t*>(st.x) + static_cast<size_t>(t) * s.H;
-      for (int base = 0; base < units; base += 32) {
-        const int u = base + lane;
-        const bool active = u < units;
-        float v[kUnit];
-        if (active) load_unit(row + u * kUnit, v);
-        float scale;
-        const uint2 q = quantize_unit<T>(v, active, /*round_scale=*/false, &scale);
-        if (active) {
-          *reinterpret_cast<uint2*>(q_row + u * kUnit) = q;
-          if (u % kUnitsPerBlock == 0)
-            st.scales[static_cast<size_t>(t) * (s.H / 128) + u / kUnitsPerBlock] = scale;
+      // Whole 16-lane blocks are active or not (H % 128 == 0), as the shuffles need.
+      for (int base = 0; base < units; base += 32 * kUnroll) {
+        float v[kUnroll][kUnit];
+#pragma unroll
+        for (int j = 0; j < kUnroll; ++j)  // every load first
+          if (base + 32 * j + lane < units) load_unit(row + (base + 32 * j + lane) * kUnit, v[j]);
+#pragma unroll
+        for (int j = 0; j < kUnroll; ++j) {
+          const int u = base + 32 * j + lane;
+          float scale;
+          const uint2 q = quantize_unit<T>(v[j], u < units, /*round_scale=*/false, &scale);
+          if (u < units) {
+            *reinterpret_cast<uint2*>(q_row + u * kUnit) = q;
+            if (u % kUnitsPerBlock == 0)
+              st.scales[static_cast<size_t>(t) * (s.H / 128) + u / kUnitsPerBlock] = scale;
+          }
         }
       }
     } else {
@@ -470,16 +475,23 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineArgs a) {
       float acc[kUnit];
 #pragma unroll
       for (int j = 0; j < kUnit; ++j) acc[j] = -0.f;
-      for (int r = 0; r < R; ++r) {
-        if (!((mask >> r) & 1u)) continue;
-        float v[kUnit];
-        const T* part = comb_slot<T>(c, s, c.rank, r, t, epoch) + u * kUnit;
-        const int4* p4 = reinterpret_cast<const int4*>(part);
+      constexpr int kBatch = 8;  // ranks whose partials are loaded before any add
+      for (int r0 = 0; r0 < R; r0 += kBatch) {
+        float v[kBatch][kUnit];
 #pragma unroll
-        for (int j = 0; j < static_cast<int>(sizeof(T) * kUnit / 16); ++j)
-          Vec<T>::load(__ldcg(p4 + j), v + j * (16 / sizeof(T)));
+        for (int b = 0; b < kBatch; ++b) {
+          if (r0 + b >= R || !((mask >> (r0 + b)) & 1u)) continue;
+          const int4* p4 = reinterpret_cast<const int4*>(comb_slot<T>(c, s, c.rank, r0 + b, t, epoch) + u * kUnit);
 #pragma unroll
-        for (int j = 0; j < kUnit; ++j) acc[j] = __fadd_rn(acc[j], v[j]);
+          for (int j = 0; j < static_cast<int>(sizeof(T) * kUnit / 16); ++j)
+            Vec<T>::load(__ldcg(p4 + j), v[b] + j * (16 / sizeof(T)));
+        }
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b) {
+          if (r0 + b >= R || !((mask >> (r0 + b)) & 1u)) continue;
+#pragma unroll
+          for (int j = 0; j < kUnit; ++j) acc[j] = __fadd_rn(acc[j], v[b][j]);
+        }
       }
       store_unit(y + u * kUnit, acc);
     }

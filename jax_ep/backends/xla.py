@@ -19,6 +19,7 @@ from jax import lax
 from .. import fp8 as fp8_lib
 from ..routing import SenderRouting
 from ..types import DispatchHandle, RoutingMeta
+from ..vma import like_inputs
 
 
 def _a2a(x: jax.Array, axis_name) -> jax.Array:
@@ -162,7 +163,7 @@ def dispatch(
         dst_mask=routing.dst_mask,
         slot_pos=routing.slot_pos,
         num_rows=jnp.minimum(total, C).astype(jnp.int32),
-        epoch=jnp.zeros((1,), jnp.int32),
+        epoch=like_inputs(jnp.zeros((1,), jnp.int32), x),
         meta=meta,
     )
     return out_x, out_w, group_sizes, out_topk, handle
@@ -292,7 +293,7 @@ def ll_dispatch_recv(pending):
         for a in payload
     )
     x = fp8_lib.Fp8Array(*rows) if meta.fp8 else rows[0]
-    handle = LowLatencyHandle(src_rows, pending.aux, jnp.zeros((1,), jnp.int32), meta)
+    handle = LowLatencyHandle(src_rows, pending.aux, like_inputs(jnp.zeros((1,), jnp.int32), src_rows), meta)
     return LowLatencyOutput(x, jnp.sum(cnt, axis=1), handle)
 
 
