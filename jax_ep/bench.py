@@ -1652,11 +1652,45 @@ def _parser() -> argparse.ArgumentParser:
     ll.add_argument("--no-combine-alone", dest="no_combine_alone", action="store_true",
                     help="skip timing combine by itself (repeated on one dispatch's handle); the round "
                          "trip (dispatch then combine) is always timed")
+    t = sub.add_parser("table", help="markdown table of the rows in --json files (for the docs)")
+    t.add_argument("files", nargs="+")
+    t.add_argument("--sms", default=None, help="keep only these SM counts of the cuda rows")
     return p
+
+
+def markdown_table(files: Sequence[str], sms: Optional[str] = None) -> str:
+    """The rows of bench JSON files as one markdown table, with each file's machine."""
+    keep = None if sms is None else {int(v) for v in _names(sms)}
+    head = ("| workload | backend | EP | SMs | µs median [p10-p90] | GB/s per rank | x roofline | "
+            "x staging | vs xla | vs sort | DeepEP µs / GB/s (ratio) | check |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|")
+    lines, machines = [head], []
+    fmt = lambda v, f: "—" if v is None else f.format(v)
+    for path in files:
+        with open(path) as fh:
+            d = json.load(fh)
+        m = d.get("machine", {})
+        machines.append(f"- `{os.path.basename(path)}`: {m.get('device_kind')}, {m.get('processes')} "
+                        f"process(es) on {m.get('devices')} device(s), jax {m.get('jax')}, {m.get('date')}")
+        for r in d["rows"]:
+            if r.get("us") is None or (keep and r["backend"] == "cuda" and r.get("sms") not in keep):
+                continue
+            dee = ("" if r.get("deepep_us") is None else
+                   f'{r["deepep_us"]:,.0f} / {r["deepep_gbps"]:.0f} ({r["vs_deepep"]:.2f}x)')
+            lines.append(
+                f'| {r["direction"]} {r["dtype"]} {r["layout"]} T={r["tokens"]} | {r["backend"]} | '
+                f'{r["ranks"]} | {r.get("sms") or ""} | {r["us"]:,.0f} [{r["us_p10"]:,.0f}-'
+                f'{r["us_p90"]:,.0f}] | {r["gbps"]:.1f} | {fmt(r.get("x_roofline"), "{:.2f}")} | '
+                f'{fmt(r.get("x_staging"), "{:.2f}")} | {fmt(r.get("vs_xla"), "{:.2f}")} | '
+                f'{fmt(r.get("vs_sort"), "{:.2f}")} | {dee} | {r.get("check", "")} |')
+    return "\n".join(lines + [""] + machines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    if args.mode == "table":
+        print(markdown_table(args.files, args.sms))
+        return 0
     if args.iters < 1 or args.warmup < 0 or args.reps < 1:
         raise SystemExit("--iters and --reps must be >= 1, --warmup >= 0")
     if args.mode == "normal":
