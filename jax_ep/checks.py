@@ -48,3 +48,19 @@ def check_dtype(name: str, a, allowed) -> None:
     if dt not in [jnp.dtype(d) for d in allowed]:
         names = ", ".join(jnp.dtype(d).name for d in allowed)
         raise TypeError(f"{name} must have dtype {names}; got {dt.name}")
+
+
+def check_tokens(x, topk_idx, topk_weights, dtypes) -> tuple:
+    """Check x [T, H], topk_idx int [T, K] and optional topk_weights [T, K]; (T, H, K)."""
+    check_shape("x", x, (None, None), "[T, H]")
+    check_dtype("x", x, dtypes)
+    T, H = x.shape
+    check_shape("topk_idx", topk_idx, (T, None), "[T, K] with T = x.shape[0]")
+    if not jnp.issubdtype(topk_idx.dtype, jnp.integer):
+        raise TypeError(f"topk_idx must hold int32 expert ids, got dtype {topk_idx.dtype}")
+    K = topk_idx.shape[1]
+    if topk_weights is not None:
+        check_shape("topk_weights", topk_weights, (T, K), "[T, K] like topk_idx")
+        if not jnp.issubdtype(topk_weights.dtype, jnp.floating):
+            raise TypeError(f"topk_weights must be float32, got dtype {topk_weights.dtype}")
+    return T, H, K

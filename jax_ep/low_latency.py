@@ -11,7 +11,7 @@ from jax import lax
 
 from . import backends
 from . import fp8 as fp8_lib
-from .checks import axis_size, check_dtype, check_num_experts, check_shape
+from .checks import axis_size, check_dtype, check_num_experts, check_shape, check_tokens
 from .routing import sender_routing
 from .types import LowLatencyHandle, LowLatencyMeta, LowLatencyOutput, LowLatencyPending
 
@@ -37,13 +37,7 @@ def low_latency_dispatch_send(
     `low_latency_dispatch_recv`; work placed between the two overlaps the
     transfer (see `overlap`).
     """
-    check_shape("x", x, (None, None), "[T, H]")
-    check_dtype("x", x, _IN_DTYPES)
-    T, H = x.shape
-    check_shape("topk_idx", topk_idx, (T, None), "[T, K] with T = x.shape[0]")
-    if not jnp.issubdtype(topk_idx.dtype, jnp.integer):
-        raise TypeError(f"topk_idx must hold int32 expert ids, got dtype {topk_idx.dtype}")
-    K = topk_idx.shape[1]
+    T, H, K = check_tokens(x, topk_idx, None, _IN_DTYPES)
     if not isinstance(max_tokens_per_rank, int) or max_tokens_per_rank < 1:
         raise ValueError(f"max_tokens_per_rank must be a positive int, got {max_tokens_per_rank!r}")
     if T > max_tokens_per_rank:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from . import backends
 from . import fp8 as fp8_lib
-from .checks import axis_size, check_dtype, check_num_experts, check_shape
+from .checks import axis_size, check_dtype, check_num_experts, check_shape, check_tokens
 from .config import Config
 from .routing import capacity as _capacity
 from .routing import rows_needed, sender_routing
@@ -59,7 +59,7 @@ def dispatch(
     Returns a `DispatchOutput` (x [C, H], weights, group_sizes [E_local],
     handle, topk_idx for the tokens layout); see DESIGN 3.1.
     """
-    T, H, K = _check_tokens(x, topk_idx, topk_weights)
+    T, H, K = check_tokens(x, topk_idx, topk_weights, _FLOAT_DTYPES)
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     R = axis_size(axis_name)
@@ -128,21 +128,6 @@ def combine(
         weights = weights.astype(jnp.float32)
     fn = _combine_fn(meta, weights is not None, backends.num_sms(config))
     return fn(expert_out, weights, handle)
-
-
-def _check_tokens(x, topk_idx, topk_weights):
-    check_shape("x", x, (None, None), "[T, H]")
-    check_dtype("x", x, _FLOAT_DTYPES)
-    T, H = x.shape
-    check_shape("topk_idx", topk_idx, (T, None), "[T, K] with T = x.shape[0]")
-    if not jnp.issubdtype(topk_idx.dtype, jnp.integer):
-        raise TypeError(f"topk_idx must hold int32 expert ids, got dtype {topk_idx.dtype}")
-    K = topk_idx.shape[1]
-    if topk_weights is not None:
-        check_shape("topk_weights", topk_weights, (T, K), "[T, K] like topk_idx")
-        if not jnp.issubdtype(topk_weights.dtype, jnp.floating):
-            raise TypeError(f"topk_weights must be float32, got dtype {topk_weights.dtype}")
-    return T, H, K
 
 
 @functools.lru_cache(maxsize=None)

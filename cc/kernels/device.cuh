@@ -64,6 +64,13 @@ __device__ __forceinline__ void wait_signal(const CallCtx& c, uint32_t phase, in
   }
 }
 
+// Every thread r < nranks of the block waits for rank r (itself excepted).
+__device__ __forceinline__ void wait_all(const CallCtx& c, uint32_t phase, uint32_t want) {
+  for (int r = threadIdx.x; r < c.nranks; r += blockDim.x)
+    if (r != c.rank) wait_signal(c, phase, r, want);
+  __syncthreads();
+}
+
 // Tell every rank (ourselves included) that this rank finished phase `epoch`:
 // all writes before this point, by every block, are visible first.
 __device__ __forceinline__ void signal_all(const CallCtx& c, uint32_t epoch) {

@@ -111,6 +111,15 @@ __global__ void __launch_bounds__(kThreads) stage_kernel(DispatchArgs a, bool co
   if (last_block_done(c.control + kCtlDoneStage) && threadIdx.x == 0) signal_all(c, epoch);
 }
 
+// The last block of the call's last kernel records the call as complete.
+__device__ __forceinline__ void close_call(const CallCtx& c, uint32_t* counter, uint32_t epoch,
+                                           int32_t* epoch_out) {
+  if (last_block_done(counter) && threadIdx.x == 0) {
+    c.control[kCtlEpoch] = epoch;
+    *epoch_out = static_cast<int32_t>(epoch);
+  }
+}
+
 // ------------------------------------------------------------------ route
 
 // Number the rows of each (source rank, block of 512 tokens): for every local
@@ -355,10 +364,7 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(DispatchArgs a) {
     copy_row<kOut, TOut, UB>(row, scales, dst, a);
   }
   zero_tail<kOut, TOut, UB>(a, used, kTokens);
-  if (last_block_done(c.control + kCtlDoneExpand) && threadIdx.x == 0) {
-    c.control[kCtlEpoch] = epoch;
-    *a.epoch_out = static_cast<int32_t>(epoch);
-  }
+  close_call(c, c.control + kCtlDoneExpand, epoch, a.epoch_out);
 }
 
 // ------------------------------------------------------------------ combine
@@ -444,10 +450,7 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineArgs a) {
     }
   }
   if (kLocal) {
-    if (last_block_done(c.control + kCtlDoneSend) && threadIdx.x == 0) {
-      c.control[kCtlEpoch] = epoch;
-      *a.epoch_out = static_cast<int32_t>(epoch);
-    }
+    close_call(c, c.control + kCtlDoneSend, epoch, a.epoch_out);
   } else if (last_block_done(c.control + kCtlDoneSend) && threadIdx.x == 0) {
     signal_all(c, epoch);
   }
@@ -461,9 +464,7 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineArgs a) {
   const uint32_t epoch = current_epoch(c);
   const int R = c.nranks, lane = lane_id(), units = s.H / kUnit;
   const int ks = s.tokens_layout ? s.K : s.Kr;
-  for (int r = threadIdx.x; r < R; r += blockDim.x)
-    if (r != c.rank) wait_signal(c, kPhaseCombineWait, r, epoch);
-  __syncthreads();
+  wait_all(c, kPhaseCombineWait, epoch);
   for (int t = blockIdx.x * kWarps + warp_id(); t < s.T; t += gridDim.x * kWarps) {
     uint64_t mask = 0;
     for (int r0 = 0; r0 < R; r0 += 32) {
@@ -501,10 +502,7 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineArgs a) {
           sp >= 0 ? __ldcg(vals_slot(c, s, c.rank, sp / ks, t, ks, epoch) + sp % ks) : 0.f;
     }
   }
-  if (last_block_done(c.control + kCtlDoneRecv) && threadIdx.x == 0) {
-    c.control[kCtlEpoch] = epoch;
-    *a.epoch_out = static_cast<int32_t>(epoch);
-  }
+  close_call(c, c.control + kCtlDoneRecv, epoch, a.epoch_out);
 }
 
 // ------------------------------------------------------------------ redispatch
@@ -530,9 +528,7 @@ __global__ void __launch_bounds__(kThreads) redispatch_kernel(RedispatchArgs a) 
   const NormalShape& s = a.s;
   const uint32_t epoch = current_epoch(c);
   const int R = c.nranks, lane = lane_id(), units = s.H / kUnit;
-  for (int r = threadIdx.x; r < R; r += blockDim.x)
-    if (r != c.rank) wait_signal(c, kPhaseRedispatchWait, r, epoch);
-  __syncthreads();
+  wait_all(c, kPhaseRedispatchWait, epoch);
   char* out = static_cast<char*>(a.rows);
   for (int g = blockIdx.x * kWarps + warp_id(); g < R * s.T; g += gridDim.x * kWarps) {
     const int src = g / s.T, t = g % s.T;
@@ -552,10 +548,7 @@ __global__ void __launch_bounds__(kThreads) redispatch_kernel(RedispatchArgs a) 
     int4* row = reinterpret_cast<int4*>(out + static_cast<size_t>(p) * units * UB);
     for (int j = lane; j < units * UB / 16; j += 32) row[j] = make_int4(0, 0, 0, 0);
   }
-  if (last_block_done(c.control + kCtlDoneExpand) && threadIdx.x == 0) {
-    c.control[kCtlEpoch] = epoch;
-    *a.epoch_out = static_cast<int32_t>(epoch);
-  }
+  close_call(c, c.control + kCtlDoneExpand, epoch, a.epoch_out);
 }
 
 // ------------------------------------------------------------------ launch
