@@ -4,59 +4,15 @@
 #include "ffi_normal.h"
 
 #include <algorithm>
-#include <atomic>
 #include <string>
 
+#include "ffi_common.h"
 #include "kernels/normal.h"
-#include "runtime.h"
 
 namespace jax_ep {
 namespace {
 
 namespace ffi = xla::ffi;
-
-std::atomic<uint64_t> g_calls{0}, g_captured{0};
-
-// Count handler invocations, and those made while XLA records a CUDA graph
-// (command buffers replay the recording without calling the handler).
-void count_call(cudaStream_t stream) {
-  g_calls.fetch_add(1, std::memory_order_relaxed);
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  if (cudaStreamIsCapturing(stream, &status) == cudaSuccess && status == cudaStreamCaptureStatusActive)
-    g_captured.fetch_add(1, std::memory_order_relaxed);
-}
-
-ffi::Error state_for(int64_t buffer_id, int32_t device, BufferState** out) {
-  *out = find_state(static_cast<uint64_t>(buffer_id), device);
-  if (*out == nullptr)
-    return ffi::Error::InvalidArgument(
-        "jax_ep: no Buffer with id " + std::to_string(buffer_id) + " on CUDA device " +
-        std::to_string(device) + " in this process; create jax_ep.Buffer before running");
-  if (!(*out)->connected())
-    return ffi::Error::InvalidArgument("jax_ep: the Buffer is not connected to its peers");
-  return ffi::Error::Success();
-}
-
-bool to_dtype(ffi::DataType t, DType* out) {
-  switch (t) {
-    case ffi::DataType::F32: *out = DType::kF32; return true;
-    case ffi::DataType::BF16: *out = DType::kBF16; return true;
-    case ffi::DataType::F16: *out = DType::kF16; return true;
-    default: return false;
-  }
-}
-
-ffi::Error from_cuda(cudaError_t e, const char* what) {
-  if (e == cudaSuccess) return ffi::Error::Success();
-  return ffi::Error::Internal(std::string("jax_ep: ") + what + ": " + cudaGetErrorString(e));
-}
-
-template <typename B>
-int64_t dim(const B& b, int i) {
-  return b.dimensions()[i];
-}
-
-int clamp_sms(int64_t n) { return static_cast<int>(std::max<int64_t>(1, n)); }
 
 ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
                         ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> w,
@@ -176,8 +132,6 @@ ffi::Error RedispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
 }
 
 }  // namespace
-
-std::pair<uint64_t, uint64_t> capture_stats() { return {g_calls.load(), g_captured.load()}; }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JaxEpDispatch, DispatchImpl,

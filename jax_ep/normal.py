@@ -92,7 +92,8 @@ def dispatch(
     weighted = topk_weights is not None
     if not weighted:
         topk_weights = jnp.ones((T, K), jnp.float32)
-    num_sms = backends.num_sms(config)
+    num_sms = backends.num_sms(config, num_ranks=R, hidden=H, dtype="fp8" if fp8 else x.dtype,
+                               mode="normal", kernel="dispatch")
     fn = _dispatch_fn(meta, bool(fp8), out_dtype, jnp.dtype(x.dtype), num_sms, weighted)
     return fn(x, topk_idx.astype(jnp.int32), topk_weights.astype(jnp.float32))
 
@@ -126,7 +127,9 @@ def combine(
         if not jnp.issubdtype(weights.dtype, jnp.floating):
             raise TypeError(f"weights must be float32 row weights, got dtype {weights.dtype}")
         weights = weights.astype(jnp.float32)
-    fn = _combine_fn(meta, weights is not None, backends.num_sms(config))
+    num_sms = backends.num_sms(config, num_ranks=meta.num_ranks, hidden=meta.hidden,
+                               dtype=expert_out.dtype, mode="normal", kernel="combine")
+    fn = _combine_fn(meta, weights is not None, num_sms)
     return fn(expert_out, weights, handle)
 
 

@@ -23,6 +23,16 @@ __device__ __forceinline__ void st_release_sys(uint32_t* p, uint32_t v) {
   asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
 
+__device__ __forceinline__ uint64_t ld_acquire_sys64(const uint64_t* p) {
+  uint64_t v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void st_release_sys64(uint64_t* p, uint64_t v) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
 __device__ __forceinline__ uint64_t globaltimer_ns() {
   uint64_t t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
@@ -83,11 +93,13 @@ __device__ __forceinline__ void signal_all(const CallCtx& c, uint32_t epoch) {
 
 // The last block of a grid to reach this point returns true (and resets the
 // counter, so the same counter serves the next launch without a memset).
+// The system-scope fence makes each block's writes, peers' memory included,
+// visible before its arrival is counted, so the last block may signal peers.
 __device__ __forceinline__ bool last_block_done(uint32_t* counter) {
   __shared__ bool last;
   __syncthreads();
   if (threadIdx.x == 0) {
-    __threadfence();
+    __threadfence_system();
     const uint32_t n = gridDim.x * gridDim.y * gridDim.z;
     last = atomicAdd(counter, 1u) == n - 1;
     if (last) {

@@ -84,7 +84,7 @@ __device__ __forceinline__ void dequantize_unit(uint2 q, float scale, float* v) 
 }
 
 // Exclusive scan of n ints in shared memory by the whole block; returns the total.
-__device__ int block_exclusive_scan(int* data, int n, int* warp_sums) {
+__device__ inline int block_exclusive_scan(int* data, int n, int* warp_sums) {
   const int per = (n + blockDim.x - 1) / blockDim.x;
   const int lo = min(n, static_cast<int>(threadIdx.x) * per);
   const int hi = min(n, lo + per);

@@ -56,6 +56,10 @@ def select(backend: str, axis_name, buffer, *, mode: str, **shape) -> tuple:
             )
         _say_once("jax_ep: backend 'auto' -> xla (the CUDA extension is not built)")
         return "xla", 0
+    if mode == "low_latency" and backend == "auto":
+        _say_once("jax_ep: low-latency mode with backend 'auto' -> xla; its CUDA kernels are "
+                  "opt-in (backend='cuda')")
+        return "xla", 0
     buf = lookup(axis_name, buffer, required=(backend == "cuda"))
     if buf is None:
         _say_once(
@@ -68,8 +72,11 @@ def select(backend: str, axis_name, buffer, *, mode: str, **shape) -> tuple:
     return ("cuda" if backend == "cuda" else "auto"), buf.buffer_id
 
 
-def num_sms(config) -> int:
-    return config_lib.resolve(config).num_sms
+def num_sms(config, *, num_ranks=None, hidden=None, dtype=None, mode=None, kernel=None) -> int:
+    """The SMs of one call (`config.resolve`: explicit Config, set_num_sms, the
+    launcher's share, a tuned entry for (num_ranks, hidden, dtype, mode, kernel))."""
+    return config_lib.resolve(config, num_ranks=num_ranks, hidden=hidden, dtype=dtype, mode=mode,
+                              kernel=kernel).num_sms
 
 
 def _auto(name: str, cuda):

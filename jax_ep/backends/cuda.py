@@ -201,3 +201,75 @@ def redispatch(y, handle: DispatchHandle, num_sms: int = 24):
         num_sms=_i64(num_sms),
     ), y, handle.src_rows)
     return rows
+
+
+# ------------------------------------------------------------------ low latency
+
+
+def _ll_attrs(meta, num_sms=None):
+    attrs = dict(buffer_id=_i64(meta.buffer_id), num_experts=_i64(meta.num_experts),
+                 max_tokens=_i64(meta.max_tokens_per_rank))
+    attrs["num_sms"] = _i64(num_sms or ll_num_sms())
+    return attrs
+
+
+def ll_num_sms() -> int:
+    from .. import config
+
+    return config.resolve(None).num_sms
+
+
+def ll_dispatch_send(x, row_idx, slot_pos, meta):
+    """Issue the messages; the pending value holds the call's epoch."""
+    from ..types import LowLatencyPending, Stage
+
+    E = meta.num_experts
+    picks = jnp.any(row_idx[..., None] == jnp.arange(E, dtype=jnp.int32), axis=1).astype(jnp.int32)
+    before = jnp.cumsum(picks, axis=0) - picks  # rank of the token among this rank's tokens of e
+    slot_rank = jnp.where(row_idx >= 0, jnp.take_along_axis(before, jnp.maximum(row_idx, 0), axis=1), 0)
+    counts = jnp.sum(picks, axis=0, dtype=jnp.int32)
+    call = jax.ffi.ffi_call("jax_ep_ll_dispatch_send", (_sds((1,), jnp.int32),), has_side_effect=True)
+    (epoch,) = call(x.astype(jnp.bfloat16), row_idx, slot_rank.astype(jnp.int32), slot_pos, counts,
+                    fp8=_i64(meta.fp8), round_scale=_i64(meta.round_scale), **_ll_attrs(meta))
+    return LowLatencyPending((like_inputs(epoch, x),), slot_pos, meta, Stage("dispatch"))
+
+
+def ll_dispatch_recv(pending):
+    from ..types import LowLatencyHandle, LowLatencyOutput
+
+    meta = pending.meta
+    R, El, M, H = meta.num_ranks, meta.local_experts, meta.max_tokens_per_rank, meta.hidden
+    dtype = fp8_lib.DTYPE if meta.fp8 else jnp.bfloat16
+    shapes = (
+        _sds((El, R * M, H), dtype),
+        _sds((El, R * M, H // fp8_lib.BLOCK) if meta.fp8 else (0,), jnp.float32),
+        _sds((El,), jnp.int32),
+        _sds((R, M, meta.local_slots), jnp.int32),
+        _sds((1,), jnp.int32),
+    )
+    call = jax.ffi.ffi_call("jax_ep_ll_dispatch_recv", shapes, has_side_effect=True)
+    x, scales, count, src_rows, epoch = like_inputs(
+        call(pending.arrays[0], fp8=_i64(meta.fp8), round_scale=_i64(meta.round_scale),
+             **_ll_attrs(meta)), pending.arrays[0])
+    out = fp8_lib.Fp8Array(x, scales) if meta.fp8 else x
+    return LowLatencyOutput(out, count, LowLatencyHandle(src_rows, pending.aux, epoch, meta))
+
+
+def ll_combine_send(expert_out, slot_pos, weights, handle):
+    from ..types import LowLatencyPending, Stage
+
+    meta = handle.meta
+    call = jax.ffi.ffi_call("jax_ep_ll_combine_send", (_sds((1,), jnp.int32),), has_side_effect=True)
+    (epoch,) = call(expert_out, handle.src_rows, handle.epoch, **_ll_attrs(meta))
+    epoch = like_inputs(epoch, expert_out, handle.src_rows)
+    return LowLatencyPending((epoch,), (slot_pos, weights), meta, Stage("combine"))
+
+
+def ll_combine_recv(pending):
+    (epoch,) = pending.arrays
+    slot_pos, weights = pending.aux
+    meta = pending.meta
+    shapes = (_sds((slot_pos.shape[0], meta.hidden), jnp.bfloat16), _sds((1,), jnp.int32))
+    call = jax.ffi.ffi_call("jax_ep_ll_combine_recv", shapes, has_side_effect=True)
+    y, _ = like_inputs(call(epoch, slot_pos, weights, **_ll_attrs(meta)), epoch, slot_pos, weights)
+    return y

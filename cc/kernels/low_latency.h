@@ -1,0 +1,82 @@
+// Low-latency (decode) kernels over peer pointers: launch arguments.
+//
+// Protocol of one call pair on rank s (epoch N = the send's call):
+//   dispatch_send   every kept (token, expert) row becomes a message (header
+//                   {token, i}, FP8 or BF16 data, scales) written straight into
+//                   slot (local expert, s, j) of the owner's half N&1, where j
+//                   is the token's rank among s's tokens of that expert. The
+//                   last block then publishes, per expert, the 64-bit word
+//                   (N << 32 | count) with a release store. No SM waits.
+//   dispatch_recv   per local expert: wait for the R count words of epoch N,
+//                   pack the slots in (source rank, token) order into the XLA
+//                   output, record each row in src_rows, close the call.
+//   combine_send    each packed row goes back unreduced to slot (rank, t, i)
+//                   of its source's half (N+1)&1; then every rank is signalled.
+//   combine_recv    wait for every rank, sum each token's slots in top-k
+//                   order with its weights in float32, round once to BF16.
+// Fixed worst-case slots make every message's place known to the sender, so
+// no slot is ever cleaned: epochs tell fresh words from stale ones.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "runtime_types.h"
+
+namespace jax_ep {
+
+struct LowLatencyShape {
+  int T, H, K, E, El, Kl, M;
+  int fp8;
+  int round_scale;
+};
+
+struct LLDispatchSendArgs {
+  CallCtx c;
+  LowLatencyShape s;
+  int num_sms;
+  const void* x;             // bf16 [T, H]
+  const int32_t* row_idx;    // [T, K] global expert per row slot, -1 none
+  const int32_t* slot_rank;  // [T, K] rank of the token among this rank's tokens of the expert
+  const int32_t* slot_pos;   // [T, K] dest * Kl + i
+  const int32_t* counts;     // [E] tokens this rank sends to each expert
+  int32_t* epoch_out;
+};
+
+struct LLDispatchRecvArgs {
+  CallCtx c;
+  LowLatencyShape s;
+  int num_sms;
+  void* out_x;        // [El, R*M, H] fp8 or bf16
+  float* out_scales;  // [El, R*M, H/128] or null
+  int32_t* count;     // [El]
+  int32_t* src_rows;  // [R, M, Kl]
+  int32_t* epoch_out;
+};
+
+struct LLCombineSendArgs {
+  CallCtx c;
+  LowLatencyShape s;
+  int num_sms;
+  const void* expert_out;   // bf16 [El, R*M, H]
+  const int32_t* src_rows;  // [R, M, Kl]
+  int32_t* epoch_out;
+};
+
+struct LLCombineRecvArgs {
+  CallCtx c;
+  LowLatencyShape s;
+  int num_sms;
+  const int32_t* slot_pos;  // [T, K]
+  const float* weights;     // [T, K] (0 where slot_pos < 0)
+  void* y;                  // bf16 [T, H]
+  int32_t* epoch_out;
+};
+
+cudaError_t launch_ll_dispatch_send(const LLDispatchSendArgs& a, cudaStream_t stream);
+cudaError_t launch_ll_dispatch_recv(const LLDispatchRecvArgs& a, cudaStream_t stream);
+cudaError_t launch_ll_combine_send(const LLCombineSendArgs& a, cudaStream_t stream);
+cudaError_t launch_ll_combine_recv(const LLCombineRecvArgs& a, cudaStream_t stream);
+
+}  // namespace jax_ep
