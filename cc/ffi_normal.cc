@@ -14,6 +14,26 @@ namespace {
 
 namespace ffi = xla::ffi;
 
+constexpr size_t kMaxSmem = 227 * 1024;
+
+// A call that does not fit its buffer would write past a region: refuse it
+// before any kernel runs (the Python side checks the same, with sizes).
+ffi::Error fits(size_t need, size_t have, const char* what) {
+  if (need <= have) return ffi::Error::Success();
+  return ffi::Error::InvalidArgument(std::string("jax_ep: the call needs ") + std::to_string(need) +
+                                     " bytes of " + what + " but the Buffer has " +
+                                     std::to_string(have) + "; create a larger jax_ep.Buffer");
+}
+
+ffi::Error check_shape(const NormalShape& s, int nranks) {
+  if (s.K > kMaxTopK || s.H % 8)
+    return ffi::Error::InvalidArgument("jax_ep: the kernels need top_k <= 16 and hidden % 8 == 0");
+  const size_t nch = (s.T + kRouteChunk - 1) / kRouteChunk;
+  if (static_cast<size_t>(s.E) * nch * 4 > kMaxSmem || 2 * 16 * static_cast<size_t>(s.El) * 4 > kMaxSmem)
+    return ffi::Error::InvalidArgument("jax_ep: too many experts x tokens for one call's route tables");
+  return ffi::Error::Success();
+}
+
 ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
                         ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> w,
                         ffi::Result<ffi::AnyBuffer> out_x, ffi::Result<ffi::Buffer<ffi::F32>> out_scales,
@@ -47,6 +67,14 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
     return ffi::Error::InvalidArgument("jax_ep: out_dtype must be bfloat16, float16 or float32");
   if (a.s.T > a.s.Tmax)
     return ffi::Error::InvalidArgument("jax_ep: more tokens than the Buffer's max_tokens_per_rank");
+  const Offsets& o = a.c.off;
+  const size_t es = x.element_type() == ffi::DataType::F32 ? 4 : 2;
+  const size_t stage = a.out_kind == kOutSame
+                           ? static_cast<size_t>(a.s.T) * a.s.H * es
+                           : (static_cast<size_t>(a.s.Tmax) * a.s.H + 255) / 256 * 256 +
+                                 static_cast<size_t>(a.s.T) * (a.s.H / 128) * 4;
+  if (auto err = check_shape(a.s, R); err.failure()) return err;
+  if (auto err = fits(stage, o.idx_stage - o.x_stage, "staging"); err.failure()) return err;
   a.num_sms = clamp_sms(num_sms);
   a.x = x.untyped_data();
   a.idx = idx.typed_data();
@@ -87,6 +115,13 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer exper
   a.s.Tmax = st->max_tokens();
   if (!to_dtype(expert_out.element_type(), &a.dtype))
     return ffi::Error::InvalidArgument("jax_ep: expert_out must be bfloat16, float16 or float32");
+  const Offsets& o = a.c.off;
+  const size_t es = a.dtype == DType::kF32 ? 4 : 2;
+  if (auto err = check_shape(a.s, R); err.failure()) return err;
+  if (auto err = fits(static_cast<size_t>(R) * a.s.T * a.s.H * es, o.vals_recv - o.comb_recv,
+                      "combine receive space");
+      err.failure())
+    return err;
   a.num_sms = clamp_sms(num_sms);
   a.expert_out = expert_out.untyped_data();
   a.weights = weights.element_count() ? weights.typed_data() : nullptr;
@@ -121,6 +156,12 @@ ffi::Error RedispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
   a.s.Tmax = st->max_tokens();
   if (!to_dtype(y.element_type(), &a.dtype))
     return ffi::Error::InvalidArgument("jax_ep: the cotangent must be bfloat16, float16 or float32");
+  const Offsets& o = a.c.off;
+  const size_t es = a.dtype == DType::kF32 ? 4 : 2;
+  if (a.s.H % 8) return ffi::Error::InvalidArgument("jax_ep: hidden % 8 != 0");
+  if (auto err = fits(static_cast<size_t>(a.s.T) * a.s.H * es, o.idx_stage - o.x_stage, "staging");
+      err.failure())
+    return err;
   a.num_sms = clamp_sms(num_sms);
   a.y = y.untyped_data();
   a.src_rows = src_rows.typed_data();

@@ -100,6 +100,18 @@ NB_MODULE(_ext, m) {
         "Free a buffer's memory on one device.");
 
   m.def(
+      "synchronize",
+      [](int device) {
+        int prev = 0;
+        cudaGetDevice(&prev);
+        jax_ep::check_cuda(cudaSetDevice(device), "cudaSetDevice");
+        const cudaError_t e = cudaDeviceSynchronize();
+        cudaSetDevice(prev);
+        jax_ep::check_cuda(e, "cudaDeviceSynchronize");
+      },
+      "Wait for all work on a CUDA device.");
+
+  m.def(
       "fault",
       [](uint64_t id, int device) -> nb::object {
         const jax_ep::FaultRecord& f = state(id, device)->fault();

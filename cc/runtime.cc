@@ -58,10 +58,13 @@ BufferState::BufferState(uint64_t id, int device, int rank, int nranks, int max_
 }
 
 BufferState::~BufferState() {
+  {
+    DeviceGuard guard(device_);
+    cudaDeviceSynchronize();  // a timeout in flight is still reported by the watchdog
+  }
   stop_ = true;
   if (watchdog_.joinable()) watchdog_.join();
   DeviceGuard guard(device_);
-  cudaDeviceSynchronize();
   for (char* p : opened_) cudaIpcCloseMemHandle(p);
   cudaFree(base_);
   cudaFreeHost(fault_host_);

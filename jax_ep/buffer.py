@@ -216,6 +216,14 @@ class Buffer:
                 f"top_k={self.top_k}, dtype={self.dtype.name}, bytes/rank={self.nbytes})")
 
 
+def by_id(buffer_id: int) -> Optional[Buffer]:
+    """The registered buffer with this id, if any."""
+    for buf in _REGISTRY.values():
+        if buf.buffer_id == buffer_id:
+            return buf
+    return None
+
+
 def lookup(axis_name, buffer: Optional[Buffer], required: bool) -> Optional[Buffer]:
     """The buffer a call uses: the given one, else the "default" one of the axis."""
     if buffer is not None:

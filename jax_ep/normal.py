@@ -81,9 +81,11 @@ def dispatch(
     rows = rows_needed(
         T, K, num_experts, R, layout=layout, capacity_factor=capacity_factor, max_rows=max_rows
     )
+    # The backward pass combines in out_dtype, so the buffer must hold that too.
+    wire = out_dtype if (fp8 and out_dtype is not None) else x.dtype
     kind, buffer_id = backends.select(
         backend, axis_name, buffer, mode="normal", num_experts=num_experts, hidden=H,
-        tokens=T, top_k=K, dtype=x.dtype, fp8=fp8,
+        tokens=T, top_k=K, dtype=wire, fp8=fp8,
     )
     meta = RoutingMeta(
         axis_name=axis_name, num_experts=num_experts, num_ranks=R, layout=layout, rows=rows,

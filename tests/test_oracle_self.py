@@ -138,10 +138,10 @@ def test_combine_order_and_rounding():
     y = oracle.combine(eo, rt, w)
     assert float(y[1, 1, 0]) == 0.5
     assert not np.isnan(y.astype(np.float32)).any()
-    # zero rows still give +0.0, never -0.0
+    # sums start from -0.0, the additive identity: rows of -0.0 sum to -0.0
     eo2 = np.full((2, 8, 1), -0.0, np.float32)
     y = oracle.combine(eo2, rt)
-    assert not np.signbit(y).any()
+    assert np.signbit(y).all() and not y.any()
 
 
 def test_combine_rank_order_matters():

@@ -35,13 +35,14 @@ __device__ __forceinline__ Stage stage_of(const CallCtx& c, const NormalShape& s
 
 constexpr int kUnroll = 4;  // units each lane loads before it stores any
 
-// Copy a row of `units` raw units from src to the rows dst[i] >= 0 of `out`.
-template <int UB>
+// Copy a row of `units` raw units from src to the rows dst[i] >= 0 of `out`
+// (kCoherent: src was released by a peer during this kernel).
+template <int UB, bool kCoherent = false>
 __device__ __forceinline__ void copy_raw_to_rows(const char* src, char* out,
                                                  const int (&dst)[kMaxTopK], int units) {
   const int lane = lane_id();
   for (int u0 = lane; u0 < units; u0 += 32 * kUnroll) {
-    RawUnit<UB> r[kUnroll];
+    RawUnit<UB, kCoherent> r[kUnroll];
 #pragma unroll
     for (int j = 0; j < kUnroll; ++j)
       if (u0 + 32 * j < units) r[j].load(src + static_cast<size_t>(u0 + 32 * j) * UB);
@@ -541,7 +542,7 @@ __global__ void __launch_bounds__(kThreads) redispatch_kernel(RedispatchArgs a) 
     const char* row = src == c.rank
                           ? static_cast<const char*>(a.y) + static_cast<size_t>(t) * units * UB
                           : stage_of(c, s, src, epoch).x + static_cast<size_t>(t) * units * UB;
-    copy_raw_to_rows<UB>(row, out, dst, units);
+    copy_raw_to_rows<UB, true>(row, out, dst, units);
   }
   const int used = *a.num_rows;
   for (int p = used + blockIdx.x * kWarps + warp_id(); p < s.C; p += gridDim.x * kWarps) {

@@ -37,13 +37,18 @@ __device__ __forceinline__ void store_unit(T* p, const float* v) {
     reinterpret_cast<int4*>(p)[j] = Vec<T>::store(v + j * kVec);
 }
 
-// Raw bytes of one unit (UB = 8 * element size).
-template <int UB>
+// Raw bytes of one unit (UB = 8 * element size). kCoherent loads go through
+// L2 only; the default read-once loads may take the non-coherent path, which is
+// safe for data released before the kernel started.
+template <int UB, bool kCoherent = false>
 struct RawUnit {
   int4 v[UB / 16];
   __device__ __forceinline__ void load(const char* p) {
 #pragma unroll
-    for (int j = 0; j < UB / 16; ++j) v[j] = ld_stream(reinterpret_cast<const int4*>(p) + j);
+    for (int j = 0; j < UB / 16; ++j) {
+      const int4* q = reinterpret_cast<const int4*>(p) + j;
+      v[j] = kCoherent ? __ldcg(q) : ld_stream(q);
+    }
   }
   __device__ __forceinline__ void store(char* p) const {
 #pragma unroll

@@ -67,6 +67,15 @@ def select(backend: str, axis_name, buffer, *, mode: str, **shape) -> tuple:
             "registered; create one to use the CUDA kernels)"
         )
         return "xla", 0
+    from .cuda import MAX_TOP_K
+
+    if shape["top_k"] > MAX_TOP_K or shape["hidden"] % 8:
+        why = (f"top_k={shape['top_k']} (the kernels take at most {MAX_TOP_K})"
+               if shape["top_k"] > MAX_TOP_K else f"hidden={shape['hidden']} (must be a multiple of 8)")
+        if backend == "cuda":
+            raise ValueError(f"backend='cuda' does not support {why}; use backend='xla'")
+        _say_once(f"jax_ep: backend 'auto' -> xla: {why}")
+        return "xla", 0
     buf.check_call(mode=mode, **shape)
     _say_once(f"jax_ep: backend {backend!r} -> CUDA kernels on GPUs for axis {axis_name!r}")
     return ("cuda" if backend == "cuda" else "auto"), buf.buffer_id

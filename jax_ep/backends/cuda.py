@@ -56,13 +56,22 @@ def timeout_s() -> float:
 class NativeBuffer:
     """The device memory of one `Buffer` on the devices this process drives."""
 
-    def __init__(self, buffer_id: int, devices):
+    def __init__(self, buffer_id: int, devices, barrier=None):
         self.buffer_id = buffer_id
         self.devices = list(devices)  # CUDA ordinals
+        self._barrier = barrier  # a callable when peers live in other processes
 
     def close(self) -> None:
+        """Free this process's memory once every rank of the group is done with it:
+        peers may still be reading our staging when our own last call has finished."""
+        from .. import _ext as ext
+
         for d in self.devices:
-            _ext.close(self.buffer_id, d)
+            ext.synchronize(d)
+        if self._barrier is not None:
+            self._barrier()
+        for d in self.devices:
+            ext.close(self.buffer_id, d)
         self.devices = []
 
 
@@ -88,6 +97,7 @@ def create_buffer(buf) -> Optional[NativeBuffer]:
     groups = _groups(buf.mesh, buf.axes)
     offsets = buf.layout.offsets()
     mine = []
+    barriers = []
     n = _instances.get(buf.buffer_id, 0)
     _instances[buf.buffer_id] = n + 1
     config = repr((buf.num_ranks, buf.hidden, buf.max_tokens_per_rank, buf.num_experts,
@@ -104,6 +114,16 @@ def create_buffer(buf) -> Optional[NativeBuffer]:
         handles = [b""] * len(ranks)
         if len(local) < len(ranks):  # peers in other processes: CUDA IPC over the KV store
             kv = distributed.kv_store(f"jax_ep/buffer/{buf.buffer_id:x}/{n}/{g}")
+            local_ranks = [ranks.index(d) for d in local]
+
+            def group_barrier(kv=kv, mine=local_ranks, size=len(ranks)):
+                # Only this group's processes: a job-wide barrier would wait for other groups.
+                for r in mine:
+                    kv.set(f"closed/{r}", b"1")
+                for r in range(size):
+                    kv.get(f"closed/{r}")
+
+            barriers.append(group_barrier)
             for d in local:
                 r = ranks.index(d)
                 kv.set(f"rank{r}", config + b"|" + _ext.ipc_handle(buf.buffer_id, d.local_hardware_id))
@@ -121,7 +141,7 @@ def create_buffer(buf) -> Optional[NativeBuffer]:
                 handles[r] = handle
         for d in local:
             _ext.connect(buf.buffer_id, d.local_hardware_id, handles, local_devs)
-    return NativeBuffer(buf.buffer_id, mine)
+    return NativeBuffer(buf.buffer_id, mine, (lambda: [b() for b in barriers]) if barriers else None)
 
 
 # ------------------------------------------------------------------ normal mode
