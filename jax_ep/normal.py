@@ -129,6 +129,14 @@ def combine(
         if not jnp.issubdtype(weights.dtype, jnp.floating):
             raise TypeError(f"weights must be float32 row weights, got dtype {weights.dtype}")
         weights = weights.astype(jnp.float32)
+    if meta.backend != "xla":  # the kernels stage rows of this dtype and width
+        from .buffer import by_id
+
+        buf = by_id(meta.buffer_id)
+        if buf is None or not buf.allocated:
+            raise RuntimeError("combine: the Buffer of this dispatch was closed")
+        buf.check_call(mode="normal", num_experts=meta.num_experts, hidden=expert_out.shape[1],
+                       tokens=handle.dst_mask.shape[0], top_k=meta.top_k, dtype=expert_out.dtype)
     num_sms = backends.num_sms(config, num_ranks=meta.num_ranks, hidden=meta.hidden,
                                dtype=expert_out.dtype, mode="normal", kernel="combine")
     fn = _combine_fn(meta, weights is not None, num_sms)
