@@ -37,11 +37,14 @@ def _isolated(monkeypatch, tmp_path):
     config_lib.reload_tuned()
 
 
+_DROP = object()
+
+
 def _good(**changes):
+    """GOOD with changes at "a/0/b" paths (value _DROP removes the key)."""
     d = json.loads(json.dumps(GOOD))
     for path, value in changes.items():
-        node, *keys = path.split("/")
-        target = d if node == "" else d
+        target = d
         parts = path.split("/")
         for p in parts[:-1]:
             target = target[int(p)] if p.isdigit() else target[p]
@@ -51,9 +54,6 @@ def _good(**changes):
         else:
             target[int(last) if last.isdigit() else last] = value
     return d
-
-
-_DROP = object()
 
 
 def _errors(data) -> list:
@@ -184,11 +184,11 @@ def test_select_skips_disqualified_and_incomplete_candidates():
 
     rows = [row(8, "a", 1.0, check="MISMATCH 3/100", note="disqualified"),  # fastest, but wrong
             row(8, "b", 1.0),
-            row(16, "a", 5.0), row(16, "b", 20.0),
+            row(16, "a", 5.0), row(16, "b", 30.0),
             row(24, "a", 10.0, default=True), row(24, "b", 10.0, default=True),
             row(32, "a", 2.0)]  # not measured in case b
     best = tune.select(rows)[("R8/H256/bf16/normal", "dispatch")]
-    assert best["num_sms"] == 24 and best["default"]["num_sms"] == 24  # 10 beats sqrt(5 * 20)
+    assert best["num_sms"] == 24 and best["default"]["num_sms"] == 24  # 10 beats sqrt(5 * 30)
     assert best["qualified"] == 2 and best["candidates"] == 4 and best["checked"]
     assert best["us"] == pytest.approx(10.0) and best["speedup"] == pytest.approx(1.0)
 
@@ -386,3 +386,16 @@ def test_tiny_search_on_the_xla_backend(tmp_path, capsys, monkeypatch):
     # what was written is what the library now uses
     got = config_lib.resolve(None, num_ranks=8, hidden=256, dtype="bf16", mode="normal", kernel="combine")
     assert got.num_sms == entry["combine"]["num_sms"]
+
+
+def test_a_job_with_no_matching_workload_says_so(tmp_path):
+    import yaml
+
+    cfg = tmp_path / "tune.yaml"
+    data = _good(**{"workloads/0/ranks": 2})
+    data["workloads"].append(dict(data["workloads"][0], name="decode", ranks=8, mode="low-latency"))
+    cfg.write_text(yaml.safe_dump(data))
+    with pytest.raises(SystemExit, match="no workload of .* runs with 8 rank") as e:
+        tune.main(["--config", str(cfg), "--output", str(tmp_path / "c.json"), "--no-progress"])
+    assert "it is for 2 ranks" in str(e.value) and "low-latency kernels take no jax_ep.Config" in str(e.value)
+    assert not (tmp_path / "c.json").exists()
