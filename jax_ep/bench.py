@@ -1105,20 +1105,25 @@ def _deepep(job: Job, direction: str, dtype: str, sms, shape: dict):
     return DEEPEP.get((job.R, sms), {}).get((direction, dtype))
 
 
+def _start(args):
+    """The job, its Run and the checked dtypes, for either mode."""
+    job = make_job(args.devices)
+    if args.experts % job.R:
+        raise SystemExit(f"--experts {args.experts} must be divisible by the {job.R} ranks")
+    dtypes = _names(args.dtype)
+    for d in dtypes:
+        if d not in WIRE_BYTES:
+            raise SystemExit(f"--dtype: {d!r} is not bf16 or fp8")
+    return job, Run(args, job), dtypes
+
+
 def run_normal(args) -> int:
     import jax.numpy as jnp
 
     import jax_ep
 
-    job = make_job(args.devices)
-    run = Run(args, job)
+    job, run, dtypes = _start(args)
     R, H, E, K = job.R, args.hidden, args.experts, args.top_k
-    if E % R:
-        raise SystemExit(f"--experts {E} must be divisible by the {R} ranks")
-    dtypes = _names(args.dtype)
-    for d in dtypes:
-        if d not in WIRE_BYTES:
-            raise SystemExit(f"--dtype: {d!r} is not bf16 or fp8")
     if "fp8" in dtypes and H % FP8_BLOCK:
         run.notes.append(f"fp8 skipped: hidden {H} is not a multiple of {FP8_BLOCK}")
         dtypes = [d for d in dtypes if d != "fp8"]
@@ -1426,15 +1431,8 @@ def run_low_latency(args) -> int:
 
     import jax_ep
 
-    job = make_job(args.devices)
-    run = Run(args, job)
+    job, run, dtypes = _start(args)
     R, H, E, K = job.R, args.hidden, args.experts, args.top_k
-    if E % R:
-        raise SystemExit(f"--experts {E} must be divisible by the {R} ranks")
-    dtypes = _names(args.dtype)
-    for d in dtypes:
-        if d not in WIRE_BYTES:
-            raise SystemExit(f"--dtype: {d!r} is not bf16 or fp8")
     if "fp8" in dtypes and H % FP8_BLOCK:
         raise SystemExit(f"fp8 needs --hidden to be a multiple of {FP8_BLOCK}")
     xla_ok, xla_why = job.xla_runs
