@@ -61,17 +61,27 @@ __device__ __forceinline__ void fail_deadline(const CallCtx& c, uint32_t phase, 
   __trap();
 }
 
+// Spin until the epoch tag of `read()` reaches `want`, or fail at the deadline
+// naming the peer and the tag last seen; returns the word that satisfied it.
+template <typename T, typename Read, typename Tag>
+__device__ __forceinline__ T wait_until(const CallCtx& c, uint32_t phase, int peer, uint32_t want,
+                                        Read read, Tag tag) {
+  T seen = read();
+  if (epoch_reached(tag(seen), want)) return seen;
+  const uint64_t start = globaltimer_ns();
+  while (!epoch_reached(tag(seen = read()), want)) {
+    if (globaltimer_ns() - start > c.timeout_ns) fail_deadline(c, phase, peer, tag(seen), want);
+    __nanosleep(64);
+  }
+  return seen;
+}
+
 // Spin until peer's signal in our inbox reaches `want`, or fail at the deadline.
 __device__ __forceinline__ void wait_signal(const CallCtx& c, uint32_t phase, int peer,
                                             uint32_t want) {
   const uint32_t* slot = c.inbox + peer;
-  uint32_t seen = ld_acquire_sys(slot);
-  if (epoch_reached(seen, want)) return;
-  const uint64_t start = globaltimer_ns();
-  while (!epoch_reached(seen = ld_acquire_sys(slot), want)) {
-    if (globaltimer_ns() - start > c.timeout_ns) fail_deadline(c, phase, peer, seen, want);
-    __nanosleep(64);
-  }
+  wait_until<uint32_t>(c, phase, peer, want, [=] { return ld_acquire_sys(slot); },
+                       [](uint32_t v) { return v; });
 }
 
 // Every thread r < nranks of the block waits for rank r (itself excepted).
@@ -109,6 +119,15 @@ __device__ __forceinline__ bool last_block_done(uint32_t* counter) {
   }
   __syncthreads();
   return last;
+}
+
+// The last block of the call's last kernel records the call as complete.
+__device__ __forceinline__ void close_call(const CallCtx& c, uint32_t* counter, uint32_t epoch,
+                                           int32_t* epoch_out) {
+  if (last_block_done(counter) && threadIdx.x == 0) {
+    c.control[kCtlEpoch] = epoch;
+    *epoch_out = static_cast<int32_t>(epoch);
+  }
 }
 
 // The epoch of the call now running: one past the last completed call.

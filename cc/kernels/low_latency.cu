@@ -91,17 +91,13 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(LLDispatchSe
 
 // ------------------------------------------------------------ dispatch recv
 
+// The count src published for expert el in epoch `want` (tag in the high half).
 __device__ __forceinline__ uint32_t wait_count(const CallCtx& c, int el, int src, uint32_t want) {
   const uint64_t* p = ll_count_word(c, c.rank, el, src);
-  uint64_t w = ld_acquire_sys64(p);
-  if (static_cast<uint32_t>(w >> 32) == want) return static_cast<uint32_t>(w);
-  const uint64_t start = globaltimer_ns();
-  while (static_cast<uint32_t>((w = ld_acquire_sys64(p)) >> 32) != want) {
-    if (globaltimer_ns() - start > c.timeout_ns)
-      fail_deadline(c, kPhaseLowLatencyDispatchWait, src, static_cast<uint32_t>(w >> 32), want);
-    __nanosleep(64);
-  }
-  return static_cast<uint32_t>(w);
+  const uint64_t word = wait_until<uint64_t>(
+      c, kPhaseLowLatencyDispatchWait, src, want, [=] { return ld_acquire_sys64(p); },
+      [](uint64_t w) { return static_cast<uint32_t>(w >> 32); });
+  return static_cast<uint32_t>(word);
 }
 
 __global__ void __launch_bounds__(kThreads) ll_dispatch_recv_kernel(LLDispatchRecvArgs a) {
@@ -145,10 +141,7 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_recv_kernel(LLDispatchRe
     }
     __syncthreads();
   }
-  if (last_block_done(c.control + kCtlDoneRecv) && threadIdx.x == 0) {
-    c.control[kCtlEpoch] = epoch;
-    *a.epoch_out = static_cast<int32_t>(epoch);
-  }
+  close_call(c, c.control + kCtlDoneRecv, epoch, a.epoch_out);
 }
 
 // ------------------------------------------------------------ combine send
@@ -210,10 +203,7 @@ __global__ void __launch_bounds__(kThreads) ll_combine_recv_kernel(LLCombineRecv
       store_unit(y + u * kUnit, acc);
     }
   }
-  if (last_block_done(c.control + kCtlDoneRecv) && threadIdx.x == 0) {
-    c.control[kCtlEpoch] = epoch;
-    *a.epoch_out = static_cast<int32_t>(epoch);
-  }
+  close_call(c, c.control + kCtlDoneRecv, epoch, a.epoch_out);
 }
 
 template <typename F, typename A>

@@ -112,15 +112,6 @@ __global__ void __launch_bounds__(kThreads) stage_kernel(DispatchArgs a, bool co
   if (last_block_done(c.control + kCtlDoneStage) && threadIdx.x == 0) signal_all(c, epoch);
 }
 
-// The last block of the call's last kernel records the call as complete.
-__device__ __forceinline__ void close_call(const CallCtx& c, uint32_t* counter, uint32_t epoch,
-                                           int32_t* epoch_out) {
-  if (last_block_done(counter) && threadIdx.x == 0) {
-    c.control[kCtlEpoch] = epoch;
-    *epoch_out = static_cast<int32_t>(epoch);
-  }
-}
-
 // ------------------------------------------------------------------ route
 
 // Number the rows of each (source rank, block of 512 tokens): for every local

@@ -19,7 +19,8 @@ import numpy as np
 from .. import fp8 as fp8_lib
 from ..routing import SenderRouting
 from ..vma import like_inputs
-from ..types import DispatchHandle, RoutingMeta
+from ..types import (DispatchHandle, LowLatencyHandle, LowLatencyOutput, LowLatencyPending,
+                     RoutingMeta, Stage)
 
 try:
     from .. import _ext
@@ -226,23 +227,15 @@ def redispatch(y, handle: DispatchHandle, num_sms: int = 24):
 # ------------------------------------------------------------------ low latency
 
 
-def _ll_attrs(meta, num_sms=None):
-    attrs = dict(buffer_id=_i64(meta.buffer_id), num_experts=_i64(meta.num_experts),
-                 max_tokens=_i64(meta.max_tokens_per_rank))
-    attrs["num_sms"] = _i64(num_sms or ll_num_sms())
-    return attrs
+def _ll_attrs(meta):
+    from . import num_sms  # the same SM budget rules as the normal kernels
 
-
-def ll_num_sms() -> int:
-    from .. import config
-
-    return config.resolve(None).num_sms
+    return dict(buffer_id=_i64(meta.buffer_id), num_experts=_i64(meta.num_experts),
+                max_tokens=_i64(meta.max_tokens_per_rank), num_sms=_i64(num_sms(None)))
 
 
 def ll_dispatch_send(x, row_idx, slot_pos, meta):
     """Issue the messages; the pending value holds the call's epoch."""
-    from ..types import LowLatencyPending, Stage
-
     E = meta.num_experts
     picks = jnp.any(row_idx[..., None] == jnp.arange(E, dtype=jnp.int32), axis=1).astype(jnp.int32)
     before = jnp.cumsum(picks, axis=0) - picks  # rank of the token among this rank's tokens of e
@@ -255,8 +248,6 @@ def ll_dispatch_send(x, row_idx, slot_pos, meta):
 
 
 def ll_dispatch_recv(pending):
-    from ..types import LowLatencyHandle, LowLatencyOutput
-
     meta = pending.meta
     R, El, M, H = meta.num_ranks, meta.local_experts, meta.max_tokens_per_rank, meta.hidden
     dtype = fp8_lib.DTYPE if meta.fp8 else jnp.bfloat16
@@ -276,8 +267,6 @@ def ll_dispatch_recv(pending):
 
 
 def ll_combine_send(expert_out, slot_pos, weights, handle):
-    from ..types import LowLatencyPending, Stage
-
     meta = handle.meta
     call = jax.ffi.ffi_call("jax_ep_ll_combine_send", (_sds((1,), jnp.int32),), has_side_effect=True)
     (epoch,) = call(expert_out, handle.src_rows, handle.epoch, **_ll_attrs(meta))

@@ -18,7 +18,8 @@ from jax import lax
 
 from .. import fp8 as fp8_lib
 from ..routing import SenderRouting
-from ..types import DispatchHandle, RoutingMeta
+from ..types import (DispatchHandle, LowLatencyHandle, LowLatencyOutput, LowLatencyPending,
+                     RoutingMeta, Stage)
 from ..vma import like_inputs
 
 
@@ -250,8 +251,6 @@ def redispatch(y: jax.Array, handle: DispatchHandle, num_sms: Optional[int] = No
 
 def ll_dispatch_send(x, row_idx, slot_pos, meta):
     """Pad to M tokens and move each token once to every rank it has rows on."""
-    from ..types import LowLatencyPending, Stage
-
     R, El, M = meta.num_ranks, meta.local_experts, meta.max_tokens_per_rank
     T = x.shape[0]
     pad = M - T
@@ -273,8 +272,6 @@ def ll_dispatch_send(x, row_idx, slot_pos, meta):
 
 
 def ll_dispatch_recv(pending):
-    from ..types import LowLatencyHandle, LowLatencyOutput
-
     meta = pending.meta
     R, El, M, H = meta.num_ranks, meta.local_experts, meta.max_tokens_per_rank, meta.hidden
     *payload, recv_lid = pending.arrays  # [R, M, ...], [R, M, K]
@@ -299,8 +296,6 @@ def ll_dispatch_recv(pending):
 
 def ll_combine_send(expert_out, slot_pos, weights, handle):
     """Send every expert row back to its token, unreduced (top-k order is summed there)."""
-    from ..types import LowLatencyPending, Stage
-
     meta = handle.meta
     R, El, M, H = meta.num_ranks, meta.local_experts, meta.max_tokens_per_rank, meta.hidden
     src = handle.src_rows  # [R, M, Kl]
