@@ -211,11 +211,12 @@ __device__ __forceinline__ void copy_row(const char* src, const float* src_scale
   if constexpr (kOut == kOutSame) {
     copy_raw_to_rows<UB>(src, out, dst, units);
   } else {
-    for (int u0 = lane; u0 < units; u0 += 32 * kUnroll) {
-      uint2 q[kUnroll];
-      float scale[kUnroll];
+    constexpr int kQ = 2 * kUnroll;  // FP8 units are 8 bytes: twice as many per lane
+    for (int u0 = lane; u0 < units; u0 += 32 * kQ) {
+      uint2 q[kQ];
+      float scale[kQ];
 #pragma unroll
-      for (int j = 0; j < kUnroll; ++j) {
+      for (int j = 0; j < kQ; ++j) {
         const int u = u0 + 32 * j;
         if (u < units) {
           q[j] = __ldcg(reinterpret_cast<const uint2*>(src) + u);
@@ -223,7 +224,7 @@ __device__ __forceinline__ void copy_row(const char* src, const float* src_scale
         }
       }
 #pragma unroll
-      for (int j = 0; j < kUnroll; ++j) {
+      for (int j = 0; j < kQ; ++j) {
         const int u = u0 + 32 * j;
         if (u >= units) continue;
         if constexpr (kOut == kOutFp8) {
@@ -374,52 +375,82 @@ __device__ __forceinline__ float* vals_slot(const CallCtx& c, const NormalShape&
   return reinterpret_cast<float*>(h) + (static_cast<size_t>(from) * s.T + t) * ks;
 }
 
+// Units a lane carries at once in combine: enough loads in flight to cover
+// the latency when a token has only one or two rows here.
+template <typename T>
+constexpr int combine_units() { return sizeof(T) == 4 ? 2 : 4; }
+
+// Add raw units of T to float accumulators: acc += v (times w when weighted),
+// the product rounded first.
+template <typename T, int UB, bool kCoherent, int N>
+__device__ __forceinline__ void add_units(float (&acc)[N][kUnit], const RawUnit<UB, kCoherent> (&r)[N],
+                                          int u0, int units, bool weighted, float w) {
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    if (u0 + 32 * j >= units) continue;
+    float v[kUnit];
+#pragma unroll
+    for (int q = 0; q < UB / 16; ++q) Vec<T>::load(r[j].v[q], v + q * (16 / sizeof(T)));
+#pragma unroll
+    for (int e = 0; e < kUnit; ++e) acc[j][e] = __fadd_rn(acc[j][e], weighted ? __fmul_rn(v[e], w) : v[e]);
+  }
+}
+
 // Expert side: for each (source rank, token), add its rows here in ascending
 // local-expert order in float32 and round to T. kLocal (one rank) finishes
 // the token side too, writing y directly; otherwise the partial is pushed to
-// the source's buffer and every rank is signalled at the end.
-template <typename T, bool kLocal, int kSlots>
+// the source's buffer and every rank is signalled at the end. Rows are taken
+// two at a time, each lane loading kU units of both before adding any.
+template <typename T, bool kLocal>
 __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineArgs a) {
+  constexpr int UB = kUnit * sizeof(T), kU = combine_units<T>();
   const CallCtx& c = a.c;
   const NormalShape& s = a.s;
   const uint32_t epoch = current_epoch(c);
   const int lane = lane_id(), units = s.H / kUnit, R = c.nranks;
   const int ks = s.tokens_layout ? s.K : s.Kr;
-  const T* eo = static_cast<const T*>(a.expert_out);
+  const bool weighted = a.weights != nullptr;
+  const char* eo = static_cast<const char*>(a.expert_out);
   for (int g = blockIdx.x * kWarps + warp_id(); g < R * s.T; g += gridDim.x * kWarps) {
     const int src = g / s.T, t = g % s.T;
     const int pos = lane < s.Kr ? a.src_rows[static_cast<size_t>(g) * s.Kr + lane] : -1;
     // No row of this token here: nothing to send (one rank: y is still written, as 0).
     if (!kLocal && !__any_sync(0xffffffffu, pos != -1)) continue;
-    const float wl = (a.weights != nullptr && pos >= 0) ? a.weights[pos] : 1.f;
-    int dst[kMaxTopK];  // rows in ascending local-expert order, < 0 for none
-    float wt[kMaxTopK];
-#pragma unroll
-    for (int i = 0; i < kMaxTopK; ++i) {
-      dst[i] = __shfl_sync(0xffffffffu, pos, i);
-      wt[i] = __shfl_sync(0xffffffffu, wl, i);
-    }
+    const float wl = (weighted && pos >= 0) ? a.weights[pos] : 1.f;
+    const uint32_t present = __ballot_sync(0xffffffffu, pos >= 0);  // lanes = local-expert order
     T* out = kLocal ? static_cast<T*>(a.y) + static_cast<size_t>(t) * s.H
                     : comb_slot<T>(c, s, src, c.rank, t, epoch);
-    for (int u = lane; u < units; u += 32) {
-      // Issue every row's load first (predicated, independent), then add in order.
-      float v[kSlots][kUnit];
+    for (int u0 = lane; u0 < units; u0 += 32 * kU) {
+      float acc[kU][kUnit];  // from -0.0, the additive identity
 #pragma unroll
-      for (int i = 0; i < kSlots; ++i)
-        if (dst[i] >= 0) load_unit(eo + static_cast<size_t>(dst[i]) * s.H + u * kUnit, v[i]);
-      float acc[kUnit];  // from -0.0, the additive identity
+      for (int j = 0; j < kU; ++j)
 #pragma unroll
-      for (int j = 0; j < kUnit; ++j) acc[j] = -0.f;
+        for (int e = 0; e < kUnit; ++e) acc[j][e] = -0.f;
+      for (uint32_t m = present; m != 0;) {
+        const int l0 = __ffs(m) - 1;
+        m &= m - 1;
+        const int l1 = m != 0 ? __ffs(m) - 1 : -1;
+        if (m != 0) m &= m - 1;
+        const int r0 = __shfl_sync(0xffffffffu, pos, l0);
+        const int r1 = __shfl_sync(0xffffffffu, pos, l1 < 0 ? l0 : l1);
+        const float w0 = __shfl_sync(0xffffffffu, wl, l0);
+        const float w1 = __shfl_sync(0xffffffffu, wl, l1 < 0 ? l0 : l1);
+        RawUnit<UB> v0[kU], v1[kU];
 #pragma unroll
-      for (int i = 0; i < kSlots; ++i) {
-        if (dst[i] < 0) continue;
-#pragma unroll
-        for (int j = 0; j < kUnit; ++j)
-          acc[j] = __fadd_rn(acc[j], a.weights != nullptr ? __fmul_rn(v[i][j], wt[i]) : v[i][j]);
+        for (int j = 0; j < kU; ++j) {
+          const int u = u0 + 32 * j;
+          if (u >= units) continue;
+          v0[j].load(eo + (static_cast<size_t>(r0) * units + u) * UB);
+          if (l1 >= 0) v1[j].load(eo + (static_cast<size_t>(r1) * units + u) * UB);
+        }
+        add_units<T>(acc, v0, u0, units, weighted, w0);
+        if (l1 >= 0) add_units<T>(acc, v1, u0, units, weighted, w1);
       }
       // One rank: the token side adds the rounded partial to -0.0 and rounds
       // again, which leaves it unchanged, so the partial is the result.
-      store_unit(out + u * kUnit, acc);
+#pragma unroll
+      for (int j = 0; j < kU; ++j)
+        if (u0 + 32 * j < units) store_unit(out + (u0 + 32 * j) * kUnit, acc[j]);
     }
     if (a.row_vals != nullptr) {
       if (kLocal) {  // one rank: the slot's value straight from its row
@@ -448,9 +479,11 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineArgs a) {
   }
 }
 
-// Token side: wait for every rank, then add the partials in rank order.
+// Token side: wait for every rank, then add the partials in rank order,
+// loading up to kBatch ranks' partials (kU units each) before adding any.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineArgs a) {
+  constexpr int UB = kUnit * sizeof(T), kU = combine_units<T>() / 2, kBatch = 4;
   const CallCtx& c = a.c;
   const NormalShape& s = a.s;
   const uint32_t epoch = current_epoch(c);
@@ -464,29 +497,35 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineArgs a) {
       mask |= static_cast<uint64_t>(__ballot_sync(0xffffffffu, m)) << r0;
     }
     T* y = static_cast<T*>(a.y) + static_cast<size_t>(t) * s.H;
-    for (int u = lane; u < units; u += 32) {
-      float acc[kUnit];
+    for (int u0 = lane; u0 < units; u0 += 32 * kU) {
+      float acc[kU][kUnit];
 #pragma unroll
-      for (int j = 0; j < kUnit; ++j) acc[j] = -0.f;
-      constexpr int kBatch = 8;  // ranks whose partials are loaded before any add
-      for (int r0 = 0; r0 < R; r0 += kBatch) {
-        float v[kBatch][kUnit];
+      for (int j = 0; j < kU; ++j)
 #pragma unroll
-        for (int b = 0; b < kBatch; ++b) {
-          if (r0 + b >= R || !((mask >> (r0 + b)) & 1u)) continue;
-          const int4* p4 = reinterpret_cast<const int4*>(comb_slot<T>(c, s, c.rank, r0 + b, t, epoch) + u * kUnit);
-#pragma unroll
-          for (int j = 0; j < static_cast<int>(sizeof(T) * kUnit / 16); ++j)
-            Vec<T>::load(__ldcg(p4 + j), v[b] + j * (16 / sizeof(T)));
-        }
+        for (int e = 0; e < kUnit; ++e) acc[j][e] = -0.f;
+      for (uint64_t m = mask; m != 0;) {
+        int rk[kBatch];  // the next ranks in order, -1 past the last
 #pragma unroll
         for (int b = 0; b < kBatch; ++b) {
-          if (r0 + b >= R || !((mask >> (r0 + b)) & 1u)) continue;
-#pragma unroll
-          for (int j = 0; j < kUnit; ++j) acc[j] = __fadd_rn(acc[j], v[b][j]);
+          rk[b] = m != 0 ? __ffsll(static_cast<long long>(m)) - 1 : -1;
+          if (m != 0) m &= m - 1;
         }
+        RawUnit<UB, true> v[kBatch][kU];
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b) {
+          if (rk[b] < 0) continue;
+          const char* p = reinterpret_cast<const char*>(comb_slot<T>(c, s, c.rank, rk[b], t, epoch));
+#pragma unroll
+          for (int j = 0; j < kU; ++j)
+            if (u0 + 32 * j < units) v[b][j].load(p + static_cast<size_t>(u0 + 32 * j) * UB);
+        }
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b)
+          if (rk[b] >= 0) add_units<T>(acc, v[b], u0, units, false, 1.f);
       }
-      store_unit(y + u * kUnit, acc);
+#pragma unroll
+      for (int j = 0; j < kU; ++j)
+        if (u0 + 32 * j < units) store_unit(y + (u0 + 32 * j) * kUnit, acc[j]);
     }
     if (a.slot_vals != nullptr && lane < s.K) {
       const int sp = a.slot_pos[t * s.K + lane];
@@ -604,13 +643,8 @@ cudaError_t dispatch_typed(const DispatchArgs& a, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t combine_typed(const CombineArgs& a, cudaStream_t stream) {
-  const bool wide = a.s.Kr > 8;
-  if (a.c.nranks == 1)
-    return launch(wide ? combine_send_kernel<T, true, 16> : combine_send_kernel<T, true, 8>,
-                  a.num_sms, 0, stream, a);
-  JAX_EP_RETURN_IF_ERROR(launch(
-      wide ? combine_send_kernel<T, false, 16> : combine_send_kernel<T, false, 8>, a.num_sms, 0,
-      stream, a));
+  if (a.c.nranks == 1) return launch(combine_send_kernel<T, true>, a.num_sms, 0, stream, a);
+  JAX_EP_RETURN_IF_ERROR(launch(combine_send_kernel<T, false>, a.num_sms, 0, stream, a));
   return launch(combine_recv_kernel<T>, a.num_sms, 0, stream, a);
 }
 
