@@ -420,7 +420,10 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineArgs a) {
     const uint32_t present = __ballot_sync(0xffffffffu, pos >= 0);  // lanes = local-expert order
     T* out = kLocal ? static_cast<T*>(a.y) + static_cast<size_t>(t) * s.H
                     : comb_slot<T>(c, s, src, c.rank, t, epoch);
-    for (int u0 = lane; u0 < units; u0 += 32 * kU) {
+    // The loop is warp-uniform (the shuffles below need every lane); lanes
+    // past the row's end load and store nothing.
+    for (int base = 0; base < units; base += 32 * kU) {
+      const int u0 = base + lane;
       float acc[kU][kUnit];  // from -0.0, the additive identity
 #pragma unroll
       for (int j = 0; j < kU; ++j)
@@ -497,7 +500,8 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineArgs a) {
       mask |= static_cast<uint64_t>(__ballot_sync(0xffffffffu, m)) << r0;
     }
     T* y = static_cast<T*>(a.y) + static_cast<size_t>(t) * s.H;
-    for (int u0 = lane; u0 < units; u0 += 32 * kU) {
+    for (int base = 0; base < units; base += 32 * kU) {
+      const int u0 = base + lane;
       float acc[kU][kUnit];
 #pragma unroll
       for (int j = 0; j < kU; ++j)
