@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 
 #include "kernels/normal.h"
@@ -30,6 +31,25 @@ inline xla::ffi::Error from_cuda(cudaError_t e, const char* what) {
 template <typename B>
 int64_t dim(const B& b, int i) {
   return b.dimensions()[i];
+}
+
+// The operations a call signature names.
+enum class Op : uint32_t { kDispatch = 1, kCombine = 2, kRedispatch = 3, kLLDispatch = 4, kLLCombine = 5 };
+
+// A digest (FNV-1a) of what a call is: the operation and every size that must
+// agree across ranks. It travels with the call's signals, so a peer that
+// made a different call is caught before its data is used.
+inline uint32_t call_signature(Op op, std::initializer_list<int64_t> fields) {
+  uint32_t h = 2166136261u;
+  auto mix = [&h](uint64_t v) {
+    for (int i = 0; i < 8; ++i) {
+      h ^= static_cast<uint32_t>((v >> (8 * i)) & 0xffu);
+      h *= 16777619u;
+    }
+  };
+  mix(static_cast<uint64_t>(op));
+  for (int64_t f : fields) mix(static_cast<uint64_t>(f));
+  return h;
 }
 
 inline int clamp_sms(int64_t n) { return static_cast<int>(std::max<int64_t>(1, n)); }

@@ -10,14 +10,18 @@ namespace {
 
 namespace ffi = xla::ffi;
 
-ffi::Error setup(cudaStream_t stream, int32_t device, int64_t buffer_id, int64_t num_experts,
+ffi::Error setup(Op op, cudaStream_t stream, int32_t device, int64_t buffer_id, int64_t num_experts,
                  int64_t max_tokens, int64_t fp8, int64_t round_scale, int T, int H, int K,
                  BufferState** st, CallCtx* c, LowLatencyShape* s) {
   count_call(stream);
   if (auto err = state_for(buffer_id, device, st); err.failure()) return err;
   if (max_tokens > (*st)->max_tokens())
     return ffi::Error::InvalidArgument("jax_ep: max_tokens_per_rank exceeds the Buffer's");
+  if (max_tokens >= (1 << 20))
+    return ffi::Error::InvalidArgument("jax_ep: max_tokens_per_rank must be below 2**20");
   *c = (*st)->ctx();
+  // Both halves of a call compute the same signature from what they both know.
+  c->sig = call_signature(op, {max_tokens, H, num_experts, fp8, round_scale});
   s->T = T;
   s->H = H;
   s->K = K;
@@ -38,8 +42,8 @@ ffi::Error DispatchSendImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi
                             int64_t round_scale, int64_t num_sms) {
   LLDispatchSendArgs a{};
   BufferState* st;
-  if (auto err = setup(stream, device, buffer_id, num_experts, max_tokens, fp8, round_scale,
-                       static_cast<int>(dim(x, 0)), static_cast<int>(dim(x, 1)),
+  if (auto err = setup(Op::kLLDispatch, stream, device, buffer_id, num_experts, max_tokens, fp8,
+                       round_scale, static_cast<int>(dim(x, 0)), static_cast<int>(dim(x, 1)),
                        static_cast<int>(dim(row_idx, 1)), &st, &a.c, &a.s);
       err.failure())
     return err;
@@ -65,8 +69,8 @@ ffi::Error DispatchRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi
   BufferState* st;
   const int H = static_cast<int>(dim(*out_x, 2));
   const int K = static_cast<int>(dim(*src_rows, 2));  // Kl; K itself is not needed here
-  if (auto err = setup(stream, device, buffer_id, num_experts, max_tokens, fp8, round_scale,
-                       static_cast<int>(max_tokens), H, K, &st, &a.c, &a.s);
+  if (auto err = setup(Op::kLLDispatch, stream, device, buffer_id, num_experts, max_tokens, fp8,
+                       round_scale, static_cast<int>(max_tokens), H, K, &st, &a.c, &a.s);
       err.failure())
     return err;
   a.s.Kl = K;
@@ -86,7 +90,7 @@ ffi::Error CombineSendImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi:
   LLCombineSendArgs a{};
   BufferState* st;
   const int K = static_cast<int>(dim(src_rows, 2));
-  if (auto err = setup(stream, device, buffer_id, num_experts, max_tokens, 0, 0,
+  if (auto err = setup(Op::kLLCombine, stream, device, buffer_id, num_experts, max_tokens, 0, 0,
                        static_cast<int>(max_tokens), static_cast<int>(dim(expert_out, 2)), K, &st,
                        &a.c, &a.s);
       err.failure())
@@ -106,7 +110,7 @@ ffi::Error CombineRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi:
                            int64_t num_experts, int64_t max_tokens, int64_t num_sms) {
   LLCombineRecvArgs a{};
   BufferState* st;
-  if (auto err = setup(stream, device, buffer_id, num_experts, max_tokens, 0, 0,
+  if (auto err = setup(Op::kLLCombine, stream, device, buffer_id, num_experts, max_tokens, 0, 0,
                        static_cast<int>(dim(slot_pos, 0)), static_cast<int>(dim(*y, 1)),
                        static_cast<int>(dim(slot_pos, 1)), &st, &a.c, &a.s);
       err.failure())

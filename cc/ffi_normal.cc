@@ -75,6 +75,8 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
                                  static_cast<size_t>(a.s.T) * (a.s.H / 128) * 4;
   if (auto err = check_shape(a.s, R); err.failure()) return err;
   if (auto err = fits(stage, o.idx_stage - o.x_stage, "staging"); err.failure()) return err;
+  a.c.sig = call_signature(Op::kDispatch, {a.s.T, a.s.H, a.s.K, a.s.E, a.s.tokens_layout, a.s.C,
+                                           static_cast<int>(a.in_dtype), a.out_kind});
   a.num_sms = clamp_sms(num_sms);
   a.x = x.untyped_data();
   a.idx = idx.typed_data();
@@ -122,6 +124,8 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer exper
                       "combine receive space");
       err.failure())
     return err;
+  a.c.sig = call_signature(Op::kCombine, {a.s.T, a.s.H, a.s.K, a.s.E, a.s.tokens_layout, a.s.C,
+                                          a.s.Kr, static_cast<int>(a.dtype)});
   a.num_sms = clamp_sms(num_sms);
   a.expert_out = expert_out.untyped_data();
   a.weights = weights.element_count() ? weights.typed_data() : nullptr;
@@ -162,6 +166,8 @@ ffi::Error RedispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
   if (auto err = fits(static_cast<size_t>(a.s.T) * a.s.H * es, o.idx_stage - o.x_stage, "staging");
       err.failure())
     return err;
+  a.c.sig = call_signature(Op::kRedispatch, {a.s.T, a.s.H, a.s.E, a.s.C, a.s.Kr,
+                                             static_cast<int>(a.dtype)});
   a.num_sms = clamp_sms(num_sms);
   a.y = y.untyped_data();
   a.src_rows = src_rows.typed_data();

@@ -117,6 +117,7 @@ NB_MODULE(_ext, m) {
         const jax_ep::FaultRecord& f = state(id, device)->fault();
         if (f.flag != 2) return nb::none();
         nb::dict d;
+        d["kind"] = f.kind == jax_ep::kFaultMismatch ? "mismatch" : "timeout";
         d["rank"] = f.rank;
         d["phase"] = f.phase;
         d["peer"] = f.peer;
@@ -125,6 +126,25 @@ NB_MODULE(_ext, m) {
         return d;
       },
       "The timeout record of a buffer, or None.");
+
+  m.def(
+      "resources",
+      [](int device) {
+        int prev = 0;
+        cudaGetDevice(&prev);
+        jax_ep::check_cuda(cudaSetDevice(device), "cudaSetDevice");
+        size_t free_b = 0, total_b = 0;
+        const cudaError_t e = cudaMemGetInfo(&free_b, &total_b);
+        cudaSetDevice(prev);
+        jax_ep::check_cuda(e, "cudaMemGetInfo");
+        nb::dict d;
+        d["free_bytes"] = free_b;
+        d["total_bytes"] = total_b;
+        d["ipc_mappings"] = jax_ep::g_open_mappings.load();
+        d["buffers"] = jax_ep::live_states();
+        return d;
+      },
+      "Device memory (cudaMemGetInfo) and this process's open IPC mappings and buffers.");
 
   m.def("capture_stats", []() {
     auto [calls, captured] = jax_ep::capture_stats();

@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -13,6 +14,8 @@ void check_cuda(cudaError_t err, const char* what) {
   if (err != cudaSuccess)
     throw CudaError(std::string("jax_ep: ") + what + " failed: " + cudaGetErrorString(err));
 }
+
+std::atomic<int64_t> g_open_mappings{0};
 
 namespace {
 
@@ -65,7 +68,8 @@ BufferState::~BufferState() {
   stop_ = true;
   if (watchdog_.joinable()) watchdog_.join();
   DeviceGuard guard(device_);
-  for (char* p : opened_) cudaIpcCloseMemHandle(p);
+  for (char* p : opened_)
+    if (cudaIpcCloseMemHandle(p) == cudaSuccess) g_open_mappings.fetch_sub(1);
   cudaFree(base_);
   cudaFreeHost(fault_host_);
 }
@@ -105,6 +109,7 @@ void BufferState::connect(const std::vector<std::string>& handles,
                "cudaIpcOpenMemHandle");
     peers_[r] = static_cast<char*>(p);
     opened_.push_back(static_cast<char*>(p));
+    g_open_mappings.fetch_add(1);
   }
   connected_ = true;
 }
@@ -116,7 +121,7 @@ CallCtx BufferState::ctx() const {
   c.rank = rank_;
   c.nranks = nranks_;
   c.control = reinterpret_cast<uint32_t*>(base_ + off_.control);
-  c.inbox = reinterpret_cast<uint32_t*>(base_ + off_.inbox);
+  c.inbox = reinterpret_cast<uint64_t*>(base_ + off_.inbox);
   c.fault = fault_dev_;
   c.timeout_ns = timeout_ns_;
   return c;
@@ -130,11 +135,19 @@ void BufferState::watch() {
     std::this_thread::sleep_for(20ms);
     volatile FaultRecord* f = fault_host_;
     if (f->flag != 2) continue;
-    std::fprintf(stderr,
-                 "jax_ep: TIMEOUT on rank %u: %s: rank %u never signalled epoch %u (last seen %u) "
-                 "within %.1f s (JAX_EP_TIMEOUT_S). That rank did not make the matching call, "
-                 "made a different one, or died.\n",
-                 f->rank, phase_name(f->phase), f->peer, f->want, f->seen, timeout_ns_ / 1e9);
+    if (f->kind == kFaultMismatch) {
+      std::fprintf(stderr,
+                   "jax_ep: MISMATCH on rank %u: %s: rank %u made a different call (call signature "
+                   "%08x, this rank's %08x). Every rank of the group must make the same jax_ep calls, "
+                   "in the same order, with the same shapes, dtypes, layout and capacity.\n",
+                   f->rank, phase_name(f->phase), f->peer, f->seen, f->want);
+    } else {
+      std::fprintf(stderr,
+                   "jax_ep: TIMEOUT on rank %u: %s: rank %u never signalled epoch %u (last seen %u) "
+                   "within %.1f s (JAX_EP_TIMEOUT_S). That rank did not make the matching call, "
+                   "made a different one, or died.\n",
+                   f->rank, phase_name(f->phase), f->peer, f->want, f->seen, timeout_ns_ / 1e9);
+    }
     std::fflush(stderr);
     for (int i = 0; i < 500 && !stop_; ++i) std::this_thread::sleep_for(20ms);
     if (!stop_) _exit(70);  // the CUDA context is gone; never hang after a timeout
@@ -162,6 +175,11 @@ BufferState* add_state(std::unique_ptr<BufferState> s) {
   BufferState* raw = s.get();
   g_states[key] = std::move(s);
   return raw;
+}
+
+size_t live_states() {
+  std::lock_guard<std::mutex> lock(g_mu);
+  return g_states.size();
 }
 
 void remove_state(uint64_t id, int device) {

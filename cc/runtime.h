@@ -73,4 +73,9 @@ BufferState* find_state(uint64_t id, int device);
 BufferState* add_state(std::unique_ptr<BufferState> s);
 void remove_state(uint64_t id, int device);
 
+// Leak accounting: peer mappings opened through CUDA IPC and not yet closed,
+// and buffer states alive in this process.
+extern std::atomic<int64_t> g_open_mappings;
+size_t live_states();
+
 }  // namespace jax_ep

@@ -28,10 +28,17 @@ enum Phase : uint32_t {
   kPhaseLowLatencyCombineWait = 5,
 };
 
-// Written by a kernel that hit its deadline, read by the host watchdog.
+// What a fault record reports.
+enum FaultKind : uint32_t {
+  kFaultTimeout = 1,   // a peer's signal never came: seen/want are epochs
+  kFaultMismatch = 2,  // a peer made a different call: seen/want are call signatures
+};
+
+// Written by a kernel that hit its deadline or saw a peer make a different
+// call, read by the host watchdog.
 struct FaultRecord {
   uint32_t flag;  // 0 clear, 1 being written, 2 complete
-  uint32_t rank, phase, peer, seen, want;
+  uint32_t kind, rank, phase, peer, seen, want;
 };
 
 // Byte offsets inside one rank's buffer (computed by jax_ep/buffer.py:Layout).
@@ -54,9 +61,10 @@ struct CallCtx {
   int rank;
   int nranks;
   uint32_t* control;  // this rank's control words
-  uint32_t* inbox;    // this rank's inbox: inbox[s] = last epoch signalled by s
+  uint64_t* inbox;    // this rank's inbox: inbox[s] = (signature << 32) | epoch last signalled by s
   FaultRecord* fault; // host-mapped
   uint64_t timeout_ns;
+  uint32_t sig;       // the call's signature (op and shapes), the same on every rank
 };
 
 }  // namespace jax_ep

@@ -5,7 +5,7 @@ Public API (DESIGN 3): `dispatch`, `combine`, `low_latency_dispatch`,
 and `fp8.quantize`, `rows_needed`, `Buffer`, `Config`, `set_num_sms`.
 """
 
-from . import fp8
+from . import debug, fp8
 from .buffer import Buffer
 from .config import Config, set_num_sms
 from .fp8 import Fp8Array
@@ -32,7 +32,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Buffer", "Config", "DispatchHandle", "DispatchOutput", "Fp8Array", "LowLatencyHandle",
-    "LowLatencyOutput", "LowLatencyPending", "combine", "dispatch", "fp8", "low_latency_combine",
+    "LowLatencyOutput", "LowLatencyPending", "combine", "debug", "dispatch", "fp8", "low_latency_combine",
     "low_latency_combine_recv", "low_latency_combine_send", "low_latency_dispatch",
     "low_latency_dispatch_recv", "low_latency_dispatch_send", "overlap", "rows_needed",
     "set_num_sms",

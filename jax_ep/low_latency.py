@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import backends
+from . import backends, debug
 from . import fp8 as fp8_lib
 from .checks import axis_size, check_dtype, check_num_experts, check_shape, check_tokens
 from .routing import sender_routing
@@ -59,6 +59,8 @@ def low_latency_dispatch_send(
         topk_idx.astype(jnp.int32), jnp.ones((T, K), jnp.float32), num_experts=num_experts,
         num_ranks=R, capacity=0, layout="experts",
     )
+    debug.check_counts("low_latency_dispatch_send", routing.num_invalid, axis_name=axis_name,
+                       backend=kind)
     return backends.low_latency_impl(meta).ll_dispatch_send(x, routing.row_idx, routing.slot_pos, meta)
 
 

@@ -8,7 +8,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from . import backends
+from . import backends, debug
 from . import fp8 as fp8_lib
 from .checks import axis_size, check_dtype, check_num_experts, check_shape, check_tokens
 from .config import Config
@@ -97,7 +97,10 @@ def dispatch(
     num_sms = backends.num_sms(config, num_ranks=R, hidden=H, dtype="fp8" if fp8 else x.dtype,
                                mode="normal", kernel="dispatch")
     fn = _dispatch_fn(meta, bool(fp8), out_dtype, jnp.dtype(x.dtype), num_sms, weighted)
-    return fn(x, topk_idx.astype(jnp.int32), topk_weights.astype(jnp.float32))
+    out = fn(x, topk_idx.astype(jnp.int32), topk_weights.astype(jnp.float32))
+    debug.check_counts("dispatch", out.handle.num_invalid, out.handle.num_overflow,
+                       axis_name=axis_name, backend=meta.backend)
+    return out
 
 
 def combine(

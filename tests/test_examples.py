@@ -47,3 +47,9 @@ def test_train_moe(tmp_path):
 def test_decode():
     out = run(["examples/decode.py", "--train-steps", "0", "--layers", "1", "--new", "6"])
     assert "low-latency step vs normal-mode forward" in out and out.rstrip().endswith("OK")
+
+
+def test_decode_low_latency():
+    out = run(["examples/decode_low_latency.py", "--steps", "3", "--hidden", "256", "--tokens", "16"])
+    assert "split + overlap" in out and "fused" in out and "us per step" in out
+    assert "first step vs float32 reference" in out and out.rstrip().endswith("check passed")

@@ -46,10 +46,11 @@ __device__ __forceinline__ bool epoch_reached(uint32_t a, uint32_t b) {
 
 // Record why this rank gave up and stop the kernel. The watchdog of the
 // Buffer reads the record from host-mapped memory and names rank and phase.
-__device__ __forceinline__ void fail_deadline(const CallCtx& c, uint32_t phase, uint32_t peer,
-                                              uint32_t seen, uint32_t want) {
+__device__ __forceinline__ void fail(const CallCtx& c, uint32_t kind, uint32_t phase, uint32_t peer,
+                                     uint32_t seen, uint32_t want) {
   FaultRecord* f = c.fault;
   if (f != nullptr && atomicCAS(&f->flag, 0u, 1u) == 0u) {
+    f->kind = kind;
     f->rank = c.rank;
     f->phase = phase;
     f->peer = peer;
@@ -70,18 +71,32 @@ __device__ __forceinline__ T wait_until(const CallCtx& c, uint32_t phase, int pe
   if (epoch_reached(tag(seen), want)) return seen;
   const uint64_t start = globaltimer_ns();
   while (!epoch_reached(tag(seen = read()), want)) {
-    if (globaltimer_ns() - start > c.timeout_ns) fail_deadline(c, phase, peer, tag(seen), want);
+    if (globaltimer_ns() - start > c.timeout_ns) fail(c, kFaultTimeout, phase, peer, tag(seen), want);
     __nanosleep(64);
   }
   return seen;
 }
 
-// Spin until peer's signal in our inbox reaches `want`, or fail at the deadline.
+// A peer's word for exactly the epoch we waited for carries its call's
+// signature: a different one means the ranks made different calls (another
+// op, other shapes), and the data must not be used. A word of a later epoch
+// (the peer already went on to its next call) carries that call's signature,
+// so only exact epochs are compared.
+__device__ __forceinline__ void check_signature(const CallCtx& c, uint32_t phase, int peer,
+                                                uint32_t epoch, uint32_t want, uint32_t theirs,
+                                                uint32_t mine) {
+  if (epoch == want && theirs != mine) fail(c, kFaultMismatch, phase, peer, theirs, mine);
+}
+
+// Spin until peer's signal in our inbox reaches `want` (fail at the deadline),
+// then check that the peer made the same call.
 __device__ __forceinline__ void wait_signal(const CallCtx& c, uint32_t phase, int peer,
                                             uint32_t want) {
-  const uint32_t* slot = c.inbox + peer;
-  wait_until<uint32_t>(c, phase, peer, want, [=] { return ld_acquire_sys(slot); },
-                       [](uint32_t v) { return v; });
+  const uint64_t* slot = c.inbox + peer;
+  const uint64_t word = wait_until<uint64_t>(c, phase, peer, want, [=] { return ld_acquire_sys64(slot); },
+                                             [](uint64_t v) { return static_cast<uint32_t>(v); });
+  check_signature(c, phase, peer, static_cast<uint32_t>(word), want, static_cast<uint32_t>(word >> 32),
+                  c.sig);
 }
 
 // Every thread r < nranks of the block waits for rank r (itself excepted).
@@ -91,13 +106,15 @@ __device__ __forceinline__ void wait_all(const CallCtx& c, uint32_t phase, uint3
   __syncthreads();
 }
 
-// Tell every rank (ourselves included) that this rank finished phase `epoch`:
-// all writes before this point, by every block, are visible first.
+// Tell every rank (ourselves included) that this rank finished phase `epoch`
+// of the call `c.sig`: all writes before this point, by every block, are
+// visible first.
 __device__ __forceinline__ void signal_all(const CallCtx& c, uint32_t epoch) {
   __threadfence_system();
+  const uint64_t word = (static_cast<uint64_t>(c.sig) << 32) | epoch;
   for (int r = 0; r < c.nranks; ++r) {
-    uint32_t* inbox = reinterpret_cast<uint32_t*>(c.peers.base[r] + c.off.inbox);
-    st_release_sys(inbox + c.rank, epoch);
+    uint64_t* inbox = reinterpret_cast<uint64_t*>(c.peers.base[r] + c.off.inbox);
+    st_release_sys64(inbox + c.rank, word);
   }
 }
 

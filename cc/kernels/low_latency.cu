@@ -11,6 +11,13 @@ constexpr int kHeader = 16;  // {token, i, 0, 0}
 
 __host__ __device__ inline size_t msg_stride(int H) { return (kHeader + 2 * static_cast<size_t>(H) + 15) / 16 * 16; }
 
+// A count word's low half: the count (kCountBits bits) under 12 bits of the signature.
+constexpr int kCountBits = 20;
+constexpr uint32_t kCountSigMask = (1u << (32 - kCountBits)) - 1;
+__device__ __forceinline__ uint32_t count_low(int count, uint32_t sig) {
+  return ((sig & kCountSigMask) << kCountBits) | static_cast<uint32_t>(count);
+}
+
 // Slot (local expert el, source src, j) of rank `owner`'s receive half.
 __device__ __forceinline__ char* ll_slot(const CallCtx& c, const LowLatencyShape& s, int owner,
                                          int el, int src, int j, uint32_t epoch) {
@@ -82,7 +89,7 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(LLDispatchSe
   // Publish the per-expert counts once every block's messages are visible.
   if (last_block_done(c.control + kCtlDoneSend)) {
     for (int e = threadIdx.x; e < s.E; e += blockDim.x) {
-      const uint64_t word = (static_cast<uint64_t>(epoch) << 32) | static_cast<uint32_t>(a.counts[e]);
+      const uint64_t word = (static_cast<uint64_t>(epoch) << 32) | count_low(a.counts[e], c.sig);
       st_release_sys64(ll_count_word(c, e / s.El, e % s.El, c.rank), word);
     }
     if (threadIdx.x == 0) *a.epoch_out = static_cast<int32_t>(epoch);
@@ -91,13 +98,17 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(LLDispatchSe
 
 // ------------------------------------------------------------ dispatch recv
 
-// The count src published for expert el in epoch `want` (tag in the high half).
+// The count src published for expert el in epoch `want` (tag in the high
+// half; the low half holds the count and 12 bits of the call's signature).
 __device__ __forceinline__ uint32_t wait_count(const CallCtx& c, int el, int src, uint32_t want) {
   const uint64_t* p = ll_count_word(c, c.rank, el, src);
   const uint64_t word = wait_until<uint64_t>(
       c, kPhaseLowLatencyDispatchWait, src, want, [=] { return ld_acquire_sys64(p); },
       [](uint64_t w) { return static_cast<uint32_t>(w >> 32); });
-  return static_cast<uint32_t>(word);
+  const uint32_t low = static_cast<uint32_t>(word);
+  check_signature(c, kPhaseLowLatencyDispatchWait, src, static_cast<uint32_t>(word >> 32), want,
+                  low >> kCountBits, c.sig & kCountSigMask);
+  return low & ((1u << kCountBits) - 1);
 }
 
 __global__ void __launch_bounds__(kThreads) ll_dispatch_recv_kernel(LLDispatchRecvArgs a) {

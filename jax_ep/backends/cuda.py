@@ -132,7 +132,7 @@ def create_buffer(buf) -> Optional[NativeBuffer]:
                 if d.process_index == pid:
                     continue
                 got = kv.get(f"rank{r}")
-                cfg, _, handle = got.rpartition(b"|")
+                cfg, _, handle = got.partition(b"|")  # the raw handle may hold "|"
                 if cfg != config:
                     raise ValueError(
                         f"jax_ep.Buffer {buf.name!r}: rank {r} was created with "
