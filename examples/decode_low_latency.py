@@ -105,25 +105,41 @@ def local_experts(got: jax_ep.LowLatencyOutput, w_gate_up, w_down) -> jax.Array:
     return jnp.where(valid[..., None], y, 0.0).astype(BF16)
 
 
+def shared_up(x: jax.Array, s_gate_up: jax.Array) -> jax.Array:
+    return swiglu(jnp.dot(x, s_gate_up, preferred_element_type=jnp.float32)).astype(BF16)
+
+
+def shared_down(h: jax.Array, s_down: jax.Array) -> jax.Array:
+    return jnp.dot(h, s_down, preferred_element_type=jnp.float32)
+
+
 def moe_layer(x, p: Params, *, split: bool, num_experts: int, top_k: int, fp8: bool, backend: str):
-    """One rank's MoE layer: x bfloat16 [T, H] -> (y [T, H], topk_idx, topk_weights)."""
+    """One rank's MoE layer: x bfloat16 [T, H] -> (y [T, H], topk_idx, topk_weights).
+
+    split=True: the send/recv halves, each pair around half of the shared
+    expert (`jax_ep.overlap`); split=False: the fused calls.
+    """
     idx, w = route(x, p.router, top_k)
     kw = dict(num_experts=num_experts, axis_name=AXIS, max_tokens_per_rank=x.shape[0], fp8=fp8,
               backend=backend)
     if split:
-        send = lambda: jax_ep.low_latency_dispatch_send(x, idx, **kw)  # noqa: E731
-        up = lambda t: swiglu(jnp.dot(t, p.s_gate_up, preferred_element_type=jnp.float32)).astype(BF16)  # noqa: E731
-        got, h_shared = jax_ep.overlap(send, up, jax_ep.low_latency_dispatch_recv, x)
+        def dispatch_send():
+            return jax_ep.low_latency_dispatch_send(x, idx, **kw)
+
+        got, h = jax_ep.overlap(dispatch_send, shared_up, jax_ep.low_latency_dispatch_recv,
+                                x, p.s_gate_up)
         rows = local_experts(got, p.w_gate_up, p.w_down)
-        send = lambda: jax_ep.low_latency_combine_send(rows, idx, w, got.handle)  # noqa: E731
-        down = lambda h: jnp.dot(h, p.s_down, preferred_element_type=jnp.float32)  # noqa: E731
-        y, shared = jax_ep.overlap(send, down, jax_ep.low_latency_combine_recv, h_shared)
+
+        def combine_send():
+            return jax_ep.low_latency_combine_send(rows, idx, w, got.handle)
+
+        y, shared = jax_ep.overlap(combine_send, shared_down, jax_ep.low_latency_combine_recv,
+                                   h, p.s_down)
     else:
         got = jax_ep.low_latency_dispatch(x, idx, **kw)
         rows = local_experts(got, p.w_gate_up, p.w_down)
         y = jax_ep.low_latency_combine(rows, idx, w, got.handle)
-        h_shared = swiglu(jnp.dot(x, p.s_gate_up, preferred_element_type=jnp.float32)).astype(BF16)
-        shared = jnp.dot(h_shared, p.s_down, preferred_element_type=jnp.float32)
+        shared = shared_down(shared_up(x, p.s_gate_up), p.s_down)
     return (y.astype(jnp.float32) + shared).astype(BF16), idx, w
 
 
