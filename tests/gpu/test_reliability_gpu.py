@@ -50,8 +50,16 @@ def test_nan_inf_pass_through_like_xla(layout, fp8, dtype):
     key = ("nan", layout, fp8, str(dtype))
     got = run_gpu(key + ("cuda",), body_for("cuda"), x, idx, w)
     want = run_oracle(key + ("xla",), body_for("xla"), x, idx, w)
-    assert_same(got, want, "nan/inf")
-    assert np.isnan(got["y"].astype(np.float32)).any() and np.isinf(got["y"].astype(np.float32)).any()
+    assert_same(got["rows"], want["rows"], "dispatch rows")  # bit for bit, NaN payloads included
+    # A sum with a NaN term is NaN; which NaN (sign, payload) IEEE leaves to the
+    # hardware, and the CPU and the GPU differ there. Everything else is exact.
+    gy, wy = got["y"].astype(np.float32), want["y"].astype(np.float32)
+    nan = np.isnan(wy)
+    np.testing.assert_array_equal(np.isnan(gy), nan, "NaN positions of combine")
+    assert_same(np.where(nan, 0, got["y"]), np.where(nan, 0, want["y"]), "combine")
+    mine = np.asarray(x).reshape(n, t, h)[my_rank()].astype(np.float32)
+    routed = (idx.reshape(n, t, K)[my_rank()] >= 0).any(axis=1)
+    assert (np.isnan(gy).any(axis=1) >= (np.isnan(mine).any(axis=1) & routed)).all()
 
 
 def test_buffer_too_small_names_the_size():
