@@ -112,7 +112,11 @@ def block_scales(x: jax.Array, round_scale: bool = False) -> jax.Array:
     h = x.shape[-1]
     _check_hidden(h)
     xb = x.astype(jnp.float32).reshape(*x.shape[:-1], h // BLOCK, BLOCK)
+    # A NaN anywhere makes the block's amax NaN. XLA's max reduction does not
+    # promise that (its CPU backend drops a NaN met in some lane orders), so it
+    # is said explicitly, as the kernels do.
     amax = jnp.max(jnp.abs(xb), axis=-1)
+    amax = jnp.where(jnp.any(jnp.isnan(xb), axis=-1), jnp.float32(jnp.nan), amax)
     amax = jnp.where(amax < AMAX_MIN, jnp.float32(AMAX_MIN), amax)  # NaN stays NaN
     scale = exact_div(amax, jnp.float32(FP8_MAX))
     if round_scale:

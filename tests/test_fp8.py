@@ -129,3 +129,17 @@ def test_fp8_padding_rows_are_zero():
     assert not lib["x"].data[1:].astype(np.float32).any()
     assert not lib["x"].scales[1:].any()
     assert not lib["x"].scales[0, 16:].any()
+
+
+def test_nan_anywhere_in_a_block_makes_its_scale_nan():
+    """The amax of a block with a NaN is NaN wherever the NaN sits (as in the kernels)."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((128, 256)).astype(np.float32)
+    x[np.arange(128), np.arange(128)] = np.nan          # block 0: a NaN at every position
+    x[np.arange(128), 128 + (np.arange(128) * 7) % 128] = np.inf  # block 1: an Inf
+    q = _quantize(jnp.asarray(x).astype(jnp.bfloat16), False)
+    scales = np.asarray(q.scales)
+    assert np.isnan(scales[:, 0]).all(), np.flatnonzero(~np.isnan(scales[:, 0]))
+    assert np.isinf(scales[:, 1]).all()
+    back = np.asarray(q.dequantize(jnp.float32))
+    assert np.isnan(back).all()  # NaN data or 0 * inf: the whole block is NaN
