@@ -1656,14 +1656,35 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+_MD_NORMAL = ("| workload | backend | EP | SMs | µs median [p10-p90] | GB/s per rank | x roofline | "
+              "x staging | vs xla | vs sort | DeepEP µs / GB/s (ratio) | check |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|---|")
+_MD_LOW_LATENCY = ("| workload | backend | EP | procs | µs median [p10-p90] | GB/s per rank | x copy | "
+                   "x roofline | x staging | vs xla | check |\n|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def _md_row(r: dict) -> str:
+    fmt = lambda v, f: "—" if v is None else f.format(v)  # noqa: E731
+    us = f'{r["us"]:,.0f} [{r["us_p10"]:,.0f}-{r["us_p90"]:,.0f}]'
+    if r.get("mode") == "low_latency":
+        return (f'| {r["workload"]} | {r["backend"]} | {r["ranks"]} | {r.get("procs", "")} | {us} | '
+                f'{r["gbps"]:.1f} | {fmt(r.get("x_copy"), "{:.2f}")} | {fmt(r.get("x_roofline"), "{:.2f}")} | '
+                f'{fmt(r.get("x_staging"), "{:.2f}")} | {fmt(r.get("vs_xla"), "{:.2f}")} | {r.get("check", "")} |')
+    dee = ("" if r.get("deepep_us") is None else
+           f'{r["deepep_us"]:,.0f} / {r["deepep_gbps"]:.0f} ({r["vs_deepep"]:.2f}x)')
+    return (f'| {r["direction"]} {r["dtype"]} {r["layout"]} T={r["tokens"]} | {r["backend"]} | '
+            f'{r["ranks"]} | {r.get("sms") or ""} | {us} | {r["gbps"]:.1f} | '
+            f'{fmt(r.get("x_roofline"), "{:.2f}")} | {fmt(r.get("x_staging"), "{:.2f}")} | '
+            f'{fmt(r.get("vs_xla"), "{:.2f}")} | {fmt(r.get("vs_sort"), "{:.2f}")} | {dee} | '
+            f'{r.get("check", "")} |')
+
+
 def markdown_table(files: Sequence[str], sms: Optional[str] = None) -> str:
-    """The rows of bench JSON files as one markdown table, with each file's machine."""
+    """The rows of bench JSON files as markdown tables (normal and low-latency rows
+    apart, each with its columns), with each file's machine."""
     keep = None if sms is None else {int(v) for v in _names(sms)}
-    head = ("| workload | backend | EP | SMs | µs median [p10-p90] | GB/s per rank | x roofline | "
-            "x staging | vs xla | vs sort | DeepEP µs / GB/s (ratio) | check |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|")
-    lines, machines = [head], []
-    fmt = lambda v, f: "—" if v is None else f.format(v)
+    tables: Dict[str, List[str]] = {"normal": [], "low_latency": []}
+    machines = []
     for path in files:
         with open(path) as fh:
             d = json.load(fh)
@@ -1673,15 +1694,12 @@ def markdown_table(files: Sequence[str], sms: Optional[str] = None) -> str:
         for r in d["rows"]:
             if r.get("us") is None or (keep and r["backend"] == "cuda" and r.get("sms") not in keep):
                 continue
-            dee = ("" if r.get("deepep_us") is None else
-                   f'{r["deepep_us"]:,.0f} / {r["deepep_gbps"]:.0f} ({r["vs_deepep"]:.2f}x)')
-            lines.append(
-                f'| {r["direction"]} {r["dtype"]} {r["layout"]} T={r["tokens"]} | {r["backend"]} | '
-                f'{r["ranks"]} | {r.get("sms") or ""} | {r["us"]:,.0f} [{r["us_p10"]:,.0f}-'
-                f'{r["us_p90"]:,.0f}] | {r["gbps"]:.1f} | {fmt(r.get("x_roofline"), "{:.2f}")} | '
-                f'{fmt(r.get("x_staging"), "{:.2f}")} | {fmt(r.get("vs_xla"), "{:.2f}")} | '
-                f'{fmt(r.get("vs_sort"), "{:.2f}")} | {dee} | {r.get("check", "")} |')
-    return "\n".join(lines + [""] + machines)
+            tables["low_latency" if r.get("mode") == "low_latency" else "normal"].append(_md_row(r))
+    out = []
+    for kind, head in (("normal", _MD_NORMAL), ("low_latency", _MD_LOW_LATENCY)):
+        if tables[kind]:
+            out += [head] + tables[kind] + [""]
+    return "\n".join(out + machines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

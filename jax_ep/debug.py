@@ -11,12 +11,11 @@ with the host once per call: use it for debugging, not in production.
 Capacity drops (`capacity_factor`) are intended and never raise.
 
 Every rank must stop together, or the others would wait for it inside the next
-exchange: on the xla backend the counts are first summed over the EP axis
-(`psum`), so all ranks raise at the same point (also for backend="auto"). The
-CUDA kernels (backend="cuda") need no XLA
-collective (several processes may share one GPU, where those cannot run):
-there the rank that lost data raises, and its peers end at their next wait
-with the deadline error that names it (DESIGN 3.4).
+exchange: on the xla backend (and with backend="auto") the counts are first
+summed over the EP axis (`psum`), so all ranks raise at the same point. The CUDA
+kernels (backend="cuda") need no XLA collective (several processes may share one
+GPU, where those cannot run): there the rank that lost data raises, and its peers
+end at their next wait with the deadline error that names it (DESIGN 3.4).
 """
 
 from __future__ import annotations
