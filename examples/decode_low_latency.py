@@ -25,8 +25,7 @@ fused one; the script exits non-zero if either differs by more than BF16
 rounding allows.
 
 On GPUs the CUDA kernels need a `jax_ep.Buffer` (made below for any backend
-but "xla"); in low-latency mode backend "auto" picks the xla backend, so ask
-for the kernels with `--backend cuda`. Routed expert FFNs are kept narrow by
+but "xla"); with it, backend "auto" runs them. Routed expert FFNs are kept narrow by
 default (`--intermediate`), so that a step's time is mostly communication.
 """
 

@@ -3,8 +3,9 @@
 "auto" is decided when the computation is lowered, per platform, with
 `lax.platform_dependent`: a CUDA lowering uses the kernels, every other
 platform the xla backend. It needs the compiled extension and a registered
-`Buffer` for the axis; without them "auto" is the xla backend. The choice is
-logged once per reason.
+`Buffer` for the axis; without them "auto" is the xla backend. In low-latency
+mode "auto" is decided at trace time instead: the kernels when the axis's Buffer
+lives on GPUs, else the xla backend. The choice is logged once per reason.
 """
 
 from __future__ import annotations
@@ -56,11 +57,14 @@ def select(backend: str, axis_name, buffer, *, mode: str, **shape) -> tuple:
             )
         _say_once("jax_ep: backend 'auto' -> xla (the CUDA extension is not built)")
         return "xla", 0
-    if mode == "low_latency" and backend == "auto":
-        _say_once("jax_ep: low-latency mode with backend 'auto' -> xla; its CUDA kernels are "
-                  "opt-in (backend='cuda')")
-        return "xla", 0
     buf = lookup(axis_name, buffer, required=(backend == "cuda"))
+    if mode == "low_latency" and backend == "auto" and buf is not None:
+        # The split calls' pending values differ between the backends, so "auto"
+        # cannot defer to lowering here: it follows the Buffer's devices.
+        if buf.mesh.devices.flat[0].platform != "gpu":
+            _say_once("jax_ep: low-latency mode with backend 'auto' -> xla (the Buffer is not on GPUs)")
+            return "xla", 0
+        backend = "cuda"
     if buf is None:
         _say_once(
             f"jax_ep: backend 'auto' -> xla for axis {axis_name!r} (no jax_ep.Buffer "
