@@ -48,6 +48,17 @@ BufferState* state(uint64_t id, int device) {
   return s;
 }
 
+// Run one CUDA runtime call with `device` current, then restore the caller's device.
+template <typename F>
+void on_device(int device, F call, const char* what) {
+  int prev = 0;
+  cudaGetDevice(&prev);
+  jax_ep::check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  const cudaError_t e = call();
+  cudaSetDevice(prev);
+  jax_ep::check_cuda(e, what);
+}
+
 }  // namespace
 
 NB_MODULE(_ext, m) {
@@ -102,12 +113,7 @@ NB_MODULE(_ext, m) {
   m.def(
       "synchronize",
       [](int device) {
-        int prev = 0;
-        cudaGetDevice(&prev);
-        jax_ep::check_cuda(cudaSetDevice(device), "cudaSetDevice");
-        const cudaError_t e = cudaDeviceSynchronize();
-        cudaSetDevice(prev);
-        jax_ep::check_cuda(e, "cudaDeviceSynchronize");
+        on_device(device, [] { return cudaDeviceSynchronize(); }, "cudaDeviceSynchronize");
       },
       "Wait for all work on a CUDA device.");
 
@@ -130,13 +136,8 @@ NB_MODULE(_ext, m) {
   m.def(
       "resources",
       [](int device) {
-        int prev = 0;
-        cudaGetDevice(&prev);
-        jax_ep::check_cuda(cudaSetDevice(device), "cudaSetDevice");
         size_t free_b = 0, total_b = 0;
-        const cudaError_t e = cudaMemGetInfo(&free_b, &total_b);
-        cudaSetDevice(prev);
-        jax_ep::check_cuda(e, "cudaMemGetInfo");
+        on_device(device, [&] { return cudaMemGetInfo(&free_b, &total_b); }, "cudaMemGetInfo");
         nb::dict d;
         d["free_bytes"] = free_b;
         d["total_bytes"] = total_b;
