@@ -71,3 +71,68 @@ def test_low_latency_replays():
     assert_same(got, want, "replay")
     calls, captured = (a - b for a, b in zip(_ext.capture_stats(), before))
     assert captured >= 1 and calls < 1000, (calls, captured)
+
+
+def test_overlap_hides_a_late_peer():
+    """The split calls let a rank compute while a late peer's messages are still
+    to come: with rank 1 starting late by D (busy work before its send), rank 0's
+    send -> compute C -> recv takes about max(D, C), where send -> recv -> compute
+    takes D + C. Needs two or more ranks (one rank has nobody to wait for)."""
+    import time
+
+    from harness import my_rank
+
+    n = num_ranks()
+    if n < 2:
+        pytest.skip("needs two or more ranks")
+    buffer()
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((n * M, H)).astype(jnp.bfloat16)
+    idx = routing("random", n, M, K, E, seed=5)
+    w = rng.random((n * M, K)).astype(np.float32)
+    a = jnp.asarray(rng.standard_normal((1024, 1024)).astype(np.float32) / 32)
+
+    def busy(v, iters):  # matmuls whose count is data, so the program is the same on every rank
+        return jax.lax.fori_loop(0, iters, lambda i, m: jnp.tanh(m @ a), v)
+
+    def step(mode, work):
+        def body(x, idx, w):
+            me = jax.lax.axis_index("ep")
+            late = jnp.where(me == 1, work, 0)
+            seed = busy(jnp.ones((1024, 1024), jnp.float32), late)  # rank 1 starts late
+            x = x + (seed[0, 0] * 0).astype(x.dtype)
+            kw = dict(num_experts=E, axis_name="ep", max_tokens_per_rank=M, fp8=False, backend="cuda")
+            mine = jnp.where(me == 0, work, 0)
+            if mode == "overlap":
+                r, c = jax_ep.overlap(lambda: jax_ep.low_latency_dispatch_send(x, idx, **kw),
+                                      lambda v: busy(v, mine), jax_ep.low_latency_dispatch_recv,
+                                      jnp.ones((1024, 1024), jnp.float32))
+            else:
+                r = jax_ep.low_latency_dispatch(x, idx, **kw)
+                c = busy(jnp.ones((1024, 1024), jnp.float32) + (r.count[0] * 0).astype(jnp.float32), mine)
+            return dict(count=r.count, c=c[:1, :1])
+        return body
+
+    from jax_ep import distributed
+
+    kv = distributed.kv_store("tests/overlap")
+
+    def timed(mode, work, reps=7):
+        # Every run starts together (a barrier), so rank 0 sees the late peer's full
+        # delay: back-to-back runs would settle into the slowest rank's period.
+        run_gpu(("ovl", mode, work), step(mode, work), x, idx, w)  # compile, warm
+        times = []
+        for i in range(reps):
+            kv.barrier(f"{mode}/{work}/{i}")
+            t0 = time.perf_counter()
+            run_gpu(("ovl", mode, work), step(mode, work), x, idx, w)
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))
+
+    work = 64  # matmuls of 1024 x 1024: some ms on a share of an H100
+    fused, over, base = timed("fused", work), timed("overlap", work), timed("fused", 0)
+    print(f"rank {my_rank()}: busy work {work} matmuls; fused {fused * 1e3:.1f} ms, "
+          f"overlapped {over * 1e3:.1f} ms, no work {base * 1e3:.1f} ms")
+    if my_rank() == 0:
+        assert fused > 3 * base, "the busy work is too small to tell anything"
+        assert over < 0.8 * fused, (over, fused)
