@@ -7,6 +7,7 @@
 
 #include "ffi_low_latency.h"
 #include "ffi_normal.h"
+#include "nvshmem_runtime.h"
 #include "runtime.h"
 
 namespace nb = nanobind;
@@ -151,6 +152,27 @@ NB_MODULE(_ext, m) {
     auto [calls, captured] = jax_ep::capture_stats();
     return nb::make_tuple(calls, captured);
   }, "(FFI handler calls, of which made while recording a CUDA graph)");
+
+  m.def("nvshmem_built", &jax_ep::nvshmem_built, "Whether this build links NVSHMEM.");
+  m.def(
+      "nvshmem_unique_id",
+      []() {
+        const std::string id = jax_ep::nvshmem_unique_id();
+        return nb::bytes(id.data(), id.size());
+      },
+      "A fresh NVSHMEM unique id (made by rank 0, shared with every rank).");
+  m.def(
+      "nvshmem_start",
+      [](nb::bytes unique_id, int rank, int nranks, int device) {
+        jax_ep::nvshmem_start(std::string(unique_id.c_str(), unique_id.size()), rank, nranks, device);
+      },
+      "Initialize NVSHMEM as PE `rank` of `nranks` on a CUDA device.");
+  m.def("nvshmem_running", &jax_ep::nvshmem_running);
+  m.def("nvshmem_pe", &jax_ep::nvshmem_pe);
+  m.def("nvshmem_npes", &jax_ep::nvshmem_npes);
+  m.def("nvshmem_ring_check", &jax_ep::nvshmem_ring_check,
+        "Each PE puts its number into the next PE's symmetric word; returns the word received.");
+  m.def("nvshmem_stop", &jax_ep::nvshmem_stop, "Finalize NVSHMEM in this process.");
 
   m.def("version", []() { return "0.1.0"; });
 }

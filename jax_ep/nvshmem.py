@@ -1,0 +1,88 @@
+"""NVSHMEM in a jax_ep job: one PE per process.
+
+    from jax_ep import distributed, nvshmem
+    distributed.initialize()
+    pe, npes = nvshmem.initialize()
+
+Process 0 makes an NVSHMEM unique id and shares it through the `jax.distributed`
+key-value store (keys under `jax_ep/nvshmem/`); every process then starts as PE
+`jax.process_index()` of `jax.process_count()` on its first local GPU. NVSHMEM
+reads its settings from the environment when it starts (docs/nvshmem.md); on a
+job whose processes all run on one host, unset settings get single-host
+defaults: no remote transport (`NVSHMEM_REMOTE_TRANSPORT=none`), the bootstrap on
+the loopback interface, and no NCCL inside NVSHMEM. The extension must be built
+with NVSHMEM (`-Ccmake.define.JAX_EP_NVSHMEM=ON`, BUILD.md).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+from typing import Tuple
+
+import jax
+
+from . import distributed
+
+NAMESPACE = "jax_ep/nvshmem"
+
+_SINGLE_HOST_DEFAULTS = {
+    "NVSHMEM_REMOTE_TRANSPORT": "none",
+    "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME": "lo",
+    "NVSHMEM_DISABLE_NCCL": "1",
+}
+
+
+def _ext():
+    try:
+        from . import _ext as ext
+    except ImportError:
+        return None
+    return ext
+
+
+def available() -> bool:
+    """Whether this build of jax_ep links NVSHMEM."""
+    ext = _ext()
+    return ext is not None and bool(ext.nvshmem_built())
+
+
+def running() -> bool:
+    ext = _ext()
+    return ext is not None and bool(ext.nvshmem_running())
+
+
+def _single_host() -> bool:
+    if distributed.num_nodes() > 1:  # the launcher's simulated nodes count as hosts
+        return False
+    coordinator = os.environ.get(distributed.ENV_COORDINATOR, "127.0.0.1")
+    return coordinator.split(":")[0] in ("127.0.0.1", "localhost") or jax.process_count() == 1
+
+
+def initialize() -> Tuple[int, int]:
+    """Start NVSHMEM in this process (once); returns (this PE, number of PEs)."""
+    ext = _ext()
+    if ext is None or not ext.nvshmem_built():
+        raise RuntimeError("jax_ep was built without NVSHMEM; rebuild with "
+                           "pip install --no-build-isolation -e . -Ccmake.define.JAX_EP_NVSHMEM=ON")
+    if ext.nvshmem_running():
+        return int(ext.nvshmem_pe()), int(ext.nvshmem_npes())
+    gpus = [d for d in jax.local_devices() if d.platform == "gpu"]
+    if not gpus:
+        raise RuntimeError("NVSHMEM needs a GPU in this process")
+    if _single_host():
+        for k, v in _SINGLE_HOST_DEFAULTS.items():
+            os.environ.setdefault(k, v)
+    pid, n = jax.process_index(), jax.process_count()
+    if n == 1:
+        uid = ext.nvshmem_unique_id()
+    else:
+        kv = distributed.kv_store(NAMESPACE)
+        if pid == 0:
+            uid = ext.nvshmem_unique_id()
+            kv.set("unique_id", uid)
+        else:
+            uid = kv.get("unique_id")
+    ext.nvshmem_start(uid, pid, n, gpus[0].local_hardware_id)
+    atexit.register(ext.nvshmem_stop)
+    return int(ext.nvshmem_pe()), int(ext.nvshmem_npes())
