@@ -52,6 +52,13 @@ inline uint32_t call_signature(Op op, std::initializer_list<int64_t> fields) {
   return h;
 }
 
+// Every handler starts from the CUDA stream XLA gives it and its device.
+inline auto bind_on_stream() {
+  return xla::ffi::Ffi::Bind()
+      .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+      .Ctx<xla::ffi::DeviceOrdinal>();
+}
+
 inline int clamp_sms(int64_t n) { return static_cast<int>(std::max<int64_t>(1, n)); }
 
 }  // namespace jax_ep

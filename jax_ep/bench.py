@@ -1089,6 +1089,29 @@ def _config(args) -> dict:
     return {k: v for k, v in vars(args).items() if k not in ("func",)}
 
 
+def _rank_inputs(job: Job, routing: Routing, T: int, H: int, seed: int):
+    """This run's activations and each rank's slice of the global routing."""
+    x = random_tokens(job, T, H, seed)
+    idx = put_ranks(job, lambda r: routing.idx[r * T:(r + 1) * T])
+    w = put_ranks(job, lambda r: routing.w[r * T:(r + 1) * T])
+    return x, idx, w
+
+
+def _bench_buffer(run: "Run", job: Job, *, T: int, H: int, E: int, K: int, low_latency: bool):
+    """(Buffer, None), or (None, why) when it cannot be made."""
+    import jax.numpy as jnp
+
+    import jax_ep
+
+    what = "jax_ep.Buffer(low_latency=True)" if low_latency else "jax_ep.Buffer"
+    try:
+        return jax_ep.Buffer(job.mesh, EP, hidden=H, max_tokens_per_rank=T, num_experts=E, top_k=K,
+                             dtype=jnp.bfloat16, low_latency=low_latency,
+                             name=f"jax_ep_bench_{'ll_' if low_latency else ''}{T}"), None
+    except Exception as e:  # noqa: BLE001
+        return None, run.error(what, e)
+
+
 def _close(buf) -> None:
     if buf is not None:
         try:
@@ -1146,16 +1169,12 @@ def run_normal(args) -> int:
         header.append(
             f"T={T}: routing {args.routing} (seed {args.seed}); rows_tok rank0 {routing.rows_tok[0]} "
             f"max {routing.rows_tok.max()}; rows_exp rank0 {routing.rows_exp[0]} max {routing.rows_exp.max()}")
-        x = random_tokens(job, T, H, args.seed)
-        idx = put_ranks(job, lambda r: routing.idx[r * T:(r + 1) * T])
-        w = put_ranks(job, lambda r: routing.w[r * T:(r + 1) * T])
+        x, idx, w = _rank_inputs(job, routing, T, H, args.seed)
         buf = None
         if "cuda" in run.backends and cuda_ok:
-            try:
-                buf = jax_ep.Buffer(job.mesh, EP, hidden=H, max_tokens_per_rank=T, num_experts=E,
-                                    top_k=K, dtype=jnp.bfloat16, name=f"jax_ep_bench_{T}")
-            except Exception as e:  # noqa: BLE001
-                cuda_ok, cuda_why = False, run.error("jax_ep.Buffer", e)
+            buf, why = _bench_buffer(run, job, T=T, H=H, E=E, K=K, low_latency=False)
+            if buf is None:
+                cuda_ok, cuda_why = False, why
         for layout in layouts:
             rows_out = routing.rows_exp if layout == "experts" else routing.rows_tok
             C = round_up(int(rows_out.max()), 128)
@@ -1444,17 +1463,12 @@ def run_low_latency(args) -> int:
     for T in _ints(args.tokens):
         routing = make_routing(args.routing, args.seed, R, T, E, K, args.zipf_s)
         shape = dict(tokens=T, hidden=H, top_k=K, experts=E)
-        x = random_tokens(job, T, H, args.seed)
-        idx = put_ranks(job, lambda r: routing.idx[r * T:(r + 1) * T])
-        w = put_ranks(job, lambda r: routing.w[r * T:(r + 1) * T])
+        x, idx, w = _rank_inputs(job, routing, T, H, args.seed)
         buf = None
         if "cuda" in run.backends and cuda_ok:
-            try:
-                buf = jax_ep.Buffer(job.mesh, EP, hidden=H, max_tokens_per_rank=T, num_experts=E,
-                                    top_k=K, dtype=jnp.bfloat16, low_latency=True,
-                                    name=f"jax_ep_bench_ll_{T}")
-            except Exception as e:  # noqa: BLE001
-                cuda_ok, cuda_why = False, run.error("jax_ep.Buffer(low_latency=True)", e)
+            buf, why = _bench_buffer(run, job, T=T, H=H, E=E, K=K, low_latency=True)
+            if buf is None:
+                cuda_ok, cuda_why = False, why
 
         # limits and the copy of the same bytes
         lim = {}

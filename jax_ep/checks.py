@@ -64,3 +64,19 @@ def check_tokens(x, topk_idx, topk_weights, dtypes) -> tuple:
         if not jnp.issubdtype(topk_weights.dtype, jnp.floating):
             raise TypeError(f"topk_weights must be float32, got dtype {topk_weights.dtype}")
     return T, H, K
+
+
+def check_group_limits(num_experts: int, top_k: int, n_group: int, topk_group: int) -> None:
+    """Group-limited gating (DeepSeek-V3): `n_group` groups of consecutive
+    experts, top-k drawn from at most `topk_group` of them. Raises a ValueError
+    naming the option that does not fit."""
+    if n_group < 1 or num_experts % n_group:
+        raise ValueError(f"num_experts ({num_experts}) must be divisible by n_group ({n_group})")
+    if not 1 <= topk_group <= n_group:
+        raise ValueError(f"topk_group must be in [1, n_group={n_group}], got {topk_group}")
+    per_group = num_experts // n_group
+    if top_k > topk_group * per_group:
+        raise ValueError(
+            f"top_k={top_k} is more than the {topk_group * per_group} experts of "
+            f"topk_group={topk_group} groups of {per_group}"
+        )

@@ -23,6 +23,8 @@ from typing import Tuple
 
 import numpy as np
 
+from .checks import check_group_limits
+
 __all__ = [
     "group_limited_topk", "uniform_topk", "zipf_topk", "generate", "ROUTINGS",
     "rows_tok", "rows_exp", "pair_tokens", "token_rank_counts", "num_valid",
@@ -103,14 +105,8 @@ def group_limited_topk(key_or_rng, num_tokens: int, num_experts: int, top_k: int
     of ``num_experts // n_group`` consecutive experts.
     """
     _check(num_tokens, num_experts, top_k)
-    if n_group < 1 or num_experts % n_group:
-        raise ValueError(f"num_experts ({num_experts}) must be divisible by n_group ({n_group})")
-    if not 1 <= topk_group <= n_group:
-        raise ValueError(f"topk_group must be in [1, n_group={n_group}], got {topk_group}")
+    check_group_limits(num_experts, top_k, n_group, topk_group)
     per_group = num_experts // n_group
-    if top_k > topk_group * per_group:
-        raise ValueError(f"top_k ({top_k}) exceeds the experts of {topk_group} groups "
-                         f"({topk_group * per_group})")
     rng = as_rng(key_or_rng)
     affinity = _sigmoid(rng.standard_normal((num_tokens, num_experts), dtype=np.float32))
     grouped = affinity.reshape(num_tokens, n_group, per_group)

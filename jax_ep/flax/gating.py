@@ -11,6 +11,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from ..checks import check_group_limits
+
 
 class Routing(NamedTuple):
     """The routing of a batch of tokens.
@@ -29,16 +31,7 @@ def check_gating(num_experts: int, top_k: int, n_group: int, topk_group: int) ->
     """Raise a ValueError naming the option when the routing options do not fit."""
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
-    if n_group < 1 or num_experts % n_group:
-        raise ValueError(f"num_experts ({num_experts}) must be divisible by n_group ({n_group})")
-    if not 1 <= topk_group <= n_group:
-        raise ValueError(f"topk_group must be in [1, n_group={n_group}], got {topk_group}")
-    per_group = num_experts // n_group
-    if top_k > topk_group * per_group:
-        raise ValueError(
-            f"top_k={top_k} is more than the {topk_group * per_group} experts of "
-            f"topk_group={topk_group} groups of {per_group}"
-        )
+    check_group_limits(num_experts, top_k, n_group, topk_group)
 
 
 def deepseek_gating(
