@@ -61,17 +61,20 @@ BufferState::BufferState(uint64_t id, int device, int rank, int nranks, int max_
 }
 
 BufferState::~BufferState() {
-  {
-    DeviceGuard guard(device_);
-    cudaDeviceSynchronize();  // a timeout in flight is still reported by the watchdog
-  }
+  // At process exit the CUDA runtime may already be unloading (a buffer never
+  // closed, destroyed with the static registry): then only the watchdog is
+  // stopped, and the driver reclaims the memory with the process.
+  int prev = 0;
+  const bool cuda_up = cudaGetDevice(&prev) == cudaSuccess && cudaSetDevice(device_) == cudaSuccess;
+  if (cuda_up) cudaDeviceSynchronize();  // a timeout in flight is still reported by the watchdog
   stop_ = true;
   if (watchdog_.joinable()) watchdog_.join();
-  DeviceGuard guard(device_);
+  if (!cuda_up) return;
   for (char* p : opened_)
     if (cudaIpcCloseMemHandle(p) == cudaSuccess) g_open_mappings.fetch_sub(1);
   cudaFree(base_);
   cudaFreeHost(fault_host_);
+  cudaSetDevice(prev);
 }
 
 std::string BufferState::ipc_handle() const {

@@ -11,6 +11,7 @@ arguments and reports sizes: the xla backend needs no buffer.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import zlib
 from typing import Dict, Optional, Tuple
@@ -22,6 +23,16 @@ import numpy as np
 from . import fp8 as fp8_lib
 
 _REGISTRY: Dict[Tuple[Tuple[str, ...], str], "Buffer"] = {}
+
+
+@atexit.register
+def _close_all() -> None:
+    """Buffers still open at exit are closed while the CUDA runtime is still up."""
+    for buf in list(_REGISTRY.values()):
+        try:
+            buf.close()
+        except Exception:  # exiting: nothing more to do about it
+            pass
 
 
 def _axes(axis_name) -> Tuple[str, ...]:

@@ -75,9 +75,10 @@ def test_low_latency_replays():
 
 def test_overlap_hides_a_late_peer():
     """The split calls let a rank compute while a late peer's messages are still
-    to come: with rank 1 starting late by D (busy work before its send), rank 0's
-    send -> compute C -> recv takes about max(D, C), where send -> recv -> compute
-    takes D + C. Needs two or more ranks (one rank has nobody to wait for)."""
+    to come. Rank 1 launches its step D late (a host-side sleep, so the delay takes
+    no GPU time from the other ranks sharing the GPU); rank 0 runs compute C. With
+    send -> recv -> compute rank 0 takes about D + C, with send -> compute -> recv
+    about max(D, C). Needs two or more ranks (one rank has nobody to wait for)."""
     import time
 
     from harness import my_rank
@@ -97,19 +98,16 @@ def test_overlap_hides_a_late_peer():
 
     def step(mode, work):
         def body(x, idx, w):
-            me = jax.lax.axis_index("ep")
-            late = jnp.where(me == 1, work, 0)
-            seed = busy(jnp.ones((1024, 1024), jnp.float32), late)  # rank 1 starts late
-            x = x + (seed[0, 0] * 0).astype(x.dtype)
+            mine = jnp.where(jax.lax.axis_index("ep") == 0, work, 0)  # rank 0 computes
             kw = dict(num_experts=E, axis_name="ep", max_tokens_per_rank=M, fp8=False, backend="cuda")
-            mine = jnp.where(me == 0, work, 0)
+            ones = jnp.ones((1024, 1024), jnp.float32)
             if mode == "overlap":
                 r, c = jax_ep.overlap(lambda: jax_ep.low_latency_dispatch_send(x, idx, **kw),
-                                      lambda v: busy(v, mine), jax_ep.low_latency_dispatch_recv,
-                                      jnp.ones((1024, 1024), jnp.float32))
-            else:
+                                      lambda v: busy(v, mine), jax_ep.low_latency_dispatch_recv, ones)
+            else:  # the barrier keeps XLA from running the compute before the recv
                 r = jax_ep.low_latency_dispatch(x, idx, **kw)
-                c = busy(jnp.ones((1024, 1024), jnp.float32) + (r.count[0] * 0).astype(jnp.float32), mine)
+                r, ones = jax.lax.optimization_barrier((r, ones))
+                c = busy(ones, mine)
             return dict(count=r.count, c=c[:1, :1])
         return body
 
@@ -117,22 +115,29 @@ def test_overlap_hides_a_late_peer():
 
     kv = distributed.kv_store("tests/overlap")
 
-    def timed(mode, work, reps=7):
-        # Every run starts together (a barrier), so rank 0 sees the late peer's full
-        # delay: back-to-back runs would settle into the slowest rank's period.
+    def timed(mode, work, delay, reps=7):
+        # Every run starts together (a barrier); rank 1 then sleeps `delay` seconds.
         run_gpu(("ovl", mode, work), step(mode, work), x, idx, w)  # compile, warm
         times = []
         for i in range(reps):
-            kv.barrier(f"{mode}/{work}/{i}")
+            kv.barrier(f"{mode}/{work}/{delay}/{i}")
+            if my_rank() == 1:
+                time.sleep(delay)
             t0 = time.perf_counter()
             run_gpu(("ovl", mode, work), step(mode, work), x, idx, w)
             times.append(time.perf_counter() - t0)
         return float(np.median(times))
 
     work = 64  # matmuls of 1024 x 1024: some ms on a share of an H100
-    fused, over, base = timed("fused", work), timed("overlap", work), timed("fused", 0)
-    print(f"rank {my_rank()}: busy work {work} matmuls; fused {fused * 1e3:.1f} ms, "
-          f"overlapped {over * 1e3:.1f} ms, no work {base * 1e3:.1f} ms")
+    base = timed("fused", 0, 0.0)
+    alone = timed("fused", work, 0.0)  # rank 0's compute C, nobody late
+    if my_rank() == 0:  # one delay for every rank (the barriers are named by it)
+        kv.set("delay", str(round(max(alone - base, 0.005), 4)))
+    delay = float(kv.get("delay"))
+    fused, over = timed("fused", work, delay), timed("overlap", work, delay)
+    print(f"rank {my_rank()}: no work {base * 1e3:.1f} ms; {work} matmuls {alone * 1e3:.1f} ms; "
+          f"peer {delay * 1e3:.1f} ms late: fused {fused * 1e3:.1f} ms, overlapped {over * 1e3:.1f} ms")
     if my_rank() == 0:
-        assert fused > 3 * base, "the busy work is too small to tell anything"
+        assert alone > 3 * base, "the busy work is too small to tell anything"
+        assert fused > base + 1.5 * delay, "the late peer did not delay the fused call"
         assert over < 0.8 * fused, (over, fused)
