@@ -21,7 +21,7 @@ void count_call(cudaStream_t stream) {
 
 std::pair<uint64_t, uint64_t> capture_stats() { return {g_calls.load(), g_captured.load()}; }
 
-ffi::Error state_for(int64_t buffer_id, int32_t device, BufferState** out) {
+ffi::Error state_for(int64_t buffer_id, int32_t device, BufferState** out, bool needs_pointers) {
   *out = find_state(static_cast<uint64_t>(buffer_id), device);
   if (*out == nullptr)
     return ffi::Error::InvalidArgument(
@@ -29,6 +29,15 @@ ffi::Error state_for(int64_t buffer_id, int32_t device, BufferState** out) {
         std::to_string(device) + " in this process; create jax_ep.Buffer before running");
   if (!(*out)->connected())
     return ffi::Error::InvalidArgument("jax_ep: the Buffer is not connected to its peers");
+  if (needs_pointers) {
+    const CallCtx c = (*out)->ctx();
+    for (int r = 0; r < c.nranks; ++r)
+      if (c.peers.base[r] == nullptr)
+        return ffi::Error::InvalidArgument(
+            "jax_ep: normal mode stores to every rank's memory, and rank " + std::to_string(r) +
+            " of this NVSHMEM Buffer is reachable by puts only (another node); use the "
+            "low-latency calls, or a Buffer whose ranks share NVLink");
+  }
   return ffi::Error::Success();
 }
 

@@ -19,7 +19,10 @@ namespace jax_ep {
 void count_call(cudaStream_t stream);
 
 // The state of a connected Buffer, or an error that says how to make one.
-xla::ffi::Error state_for(int64_t buffer_id, int32_t device, BufferState** out);
+// The Buffer of a call; `needs_pointers`: the kernels store through a pointer to
+// every rank's memory (normal mode), which NVSHMEM Buffers across nodes lack.
+xla::ffi::Error state_for(int64_t buffer_id, int32_t device, BufferState** out,
+                          bool needs_pointers = true);
 
 bool to_dtype(xla::ffi::DataType t, DType* out);
 

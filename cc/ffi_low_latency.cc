@@ -14,7 +14,7 @@ ffi::Error setup(Op op, cudaStream_t stream, int32_t device, int64_t buffer_id, 
                  int64_t max_tokens, int64_t fp8, int64_t round_scale, int T, int H, int K,
                  BufferState** st, CallCtx* c, LowLatencyShape* s) {
   count_call(stream);
-  if (auto err = state_for(buffer_id, device, st); err.failure()) return err;
+  if (auto err = state_for(buffer_id, device, st, false); err.failure()) return err;
   if (max_tokens > (*st)->max_tokens())
     return ffi::Error::InvalidArgument("jax_ep: max_tokens_per_rank exceeds the Buffer's");
   if (max_tokens >= (1 << 20))

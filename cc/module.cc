@@ -40,6 +40,8 @@ jax_ep::Offsets offsets_from(const nb::dict& d) {
   o.ll_recv = get("ll_recv0");
   o.ll_comb = get("ll_comb0");
   o.ll_count = get("ll_count");
+  o.ll_send = get("ll_send");
+  o.ll_comb_send = get("ll_comb_send");
   return o;
 }
 
@@ -80,14 +82,16 @@ NB_MODULE(_ext, m) {
   m.def(
       "create",
       [](uint64_t id, int device, int rank, int nranks, int max_tokens, nb::dict offsets,
-         double timeout_s) {
+         double timeout_s, int transport) {
         const size_t total = nb::cast<size_t>(offsets["total"]);
         jax_ep::add_state(std::make_unique<BufferState>(id, device, rank, nranks, max_tokens, total,
-                                                        offsets_from(offsets), timeout_s));
+                                                        offsets_from(offsets), timeout_s, transport));
       },
       nb::arg("buffer_id"), nb::arg("device"), nb::arg("rank"), nb::arg("nranks"),
-      nb::arg("max_tokens"), nb::arg("offsets"), nb::arg("timeout_s"),
-      "Allocate this device's communication memory of a buffer.");
+      nb::arg("max_tokens"), nb::arg("offsets"), nb::arg("timeout_s"), nb::arg("transport") = 0,
+      "Allocate this device's communication memory of a buffer: device memory mapped by "
+      "its peers (transport 0), or NVSHMEM symmetric memory (transport 1, collective: every "
+      "PE calls it, in the same order, and the group is already connected).");
 
   m.def(
       "ipc_handle", [](uint64_t id, int device) { return nb::bytes(state(id, device)->ipc_handle().data(), 64); },

@@ -4,6 +4,7 @@
 // here is a stub that reports "not built" when the extension has no NVSHMEM.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 
@@ -21,5 +22,12 @@ int nvshmem_npes();
 // this PE received (the previous PE's number when the transport works).
 int nvshmem_ring_check();
 void nvshmem_stop();
+
+// Symmetric memory (collective: every PE calls these in the same order), and
+// the pointer through which this PE reaches `pe`'s copy by loads and stores
+// (null when only puts reach it, as across nodes).
+void* nvshmem_alloc_symmetric(size_t bytes);
+void nvshmem_free_symmetric(void* p);
+void* nvshmem_peer_pointer(void* p, int pe);
 
 }  // namespace jax_ep

@@ -8,6 +8,8 @@
 #include <cstring>
 #include <mutex>
 
+#include "nvshmem_runtime.h"
+
 namespace jax_ep {
 
 void check_cuda(cudaError_t err, const char* what) {
@@ -42,14 +44,27 @@ struct DeviceGuard {
 }  // namespace
 
 BufferState::BufferState(uint64_t id, int device, int rank, int nranks, int max_tokens,
-                         size_t bytes, const Offsets& off, double timeout_s)
+                         size_t bytes, const Offsets& off, double timeout_s, int transport)
     : id_(id), device_(device), rank_(rank), nranks_(nranks), max_tokens_(max_tokens),
-      bytes_(bytes), off_(off), timeout_ns_(static_cast<uint64_t>(timeout_s * 1e9)) {
+      bytes_(bytes), off_(off), timeout_ns_(static_cast<uint64_t>(timeout_s * 1e9)),
+      transport_(transport) {
   if (nranks < 1 || nranks > kMaxRanks)
     throw std::invalid_argument("jax_ep: an EP group has 1.." + std::to_string(kMaxRanks) + " ranks");
+  if (transport != kTransportPeer && transport != kTransportNvshmem)
+    throw std::invalid_argument("jax_ep: unknown transport " + std::to_string(transport));
   DeviceGuard guard(device);
-  check_cuda(cudaMalloc(&base_, bytes_), "cudaMalloc of the communication buffer");
-  check_cuda(cudaMemset(base_, 0, bytes_), "cudaMemset of the communication buffer");
+  if (transport == kTransportNvshmem) {
+    // Symmetric memory: the same offsets on every PE; PE r is EP rank r.
+    if (nvshmem_pe() != rank || nvshmem_npes() != nranks)
+      throw std::invalid_argument(
+          "jax_ep: the NVSHMEM transport needs EP rank r to be NVSHMEM PE r of an EP group of all "
+          "PEs (this rank " + std::to_string(rank) + " of " + std::to_string(nranks) + " is PE " +
+          std::to_string(nvshmem_pe()) + " of " + std::to_string(nvshmem_npes()) + ")");
+    base_ = static_cast<char*>(nvshmem_alloc_symmetric(bytes_));  // zeroed on every PE
+  } else {
+    check_cuda(cudaMalloc(&base_, bytes_), "cudaMalloc of the communication buffer");
+    check_cuda(cudaMemset(base_, 0, bytes_), "cudaMemset of the communication buffer");
+  }
   check_cuda(cudaHostAlloc(&fault_host_, sizeof(FaultRecord), cudaHostAllocMapped),
              "cudaHostAlloc of the fault record");
   std::memset(fault_host_, 0, sizeof(FaultRecord));
@@ -57,6 +72,12 @@ BufferState::BufferState(uint64_t id, int device, int rank, int nranks, int max_
   check_cuda(cudaDeviceSynchronize(), "buffer initialisation");
   peers_.assign(nranks_, nullptr);
   peers_[rank_] = base_;
+  if (transport == kTransportNvshmem) {
+    // Peers a load or store reaches (NVLink, the same GPU) get their pointer, for the
+    // normal-mode kernels; the low-latency kernels put through NVSHMEM either way.
+    for (int r = 0; r < nranks_; ++r) peers_[r] = static_cast<char*>(nvshmem_peer_pointer(base_, r));
+    connected_ = true;
+  }
   watchdog_ = std::thread([this] { watch(); });
 }
 
@@ -72,7 +93,11 @@ BufferState::~BufferState() {
   if (!cuda_up) return;
   for (char* p : opened_)
     if (cudaIpcCloseMemHandle(p) == cudaSuccess) g_open_mappings.fetch_sub(1);
-  cudaFree(base_);
+  if (transport_ == kTransportNvshmem) {
+    if (nvshmem_running()) nvshmem_free_symmetric(base_);  // else finalize took the heap
+  } else {
+    cudaFree(base_);
+  }
   cudaFreeHost(fault_host_);
   cudaSetDevice(prev);
 }
@@ -127,6 +152,7 @@ CallCtx BufferState::ctx() const {
   c.inbox = reinterpret_cast<uint64_t*>(base_ + off_.inbox);
   c.fault = fault_dev_;
   c.timeout_ns = timeout_ns_;
+  c.transport = transport_;
   return c;
 }
 

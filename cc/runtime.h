@@ -28,7 +28,7 @@ void check_cuda(cudaError_t err, const char* what);
 class BufferState {
  public:
   BufferState(uint64_t id, int device, int rank, int nranks, int max_tokens, size_t bytes,
-              const Offsets& off, double timeout_s);
+              const Offsets& off, double timeout_s, int transport = kTransportPeer);
   ~BufferState();
   BufferState(const BufferState&) = delete;
   BufferState& operator=(const BufferState&) = delete;
@@ -49,6 +49,7 @@ class BufferState {
   int max_tokens() const { return max_tokens_; }
   char* base() const { return base_; }
   bool connected() const { return connected_; }
+  int transport() const { return transport_; }
 
  private:
   void watch();
@@ -58,6 +59,7 @@ class BufferState {
   size_t bytes_;
   Offsets off_;
   uint64_t timeout_ns_;
+  int transport_;
   char* base_ = nullptr;
   std::vector<char*> peers_;
   std::vector<char*> opened_;  // IPC mappings to close

@@ -48,6 +48,13 @@ struct Offsets {
   size_t half_bytes;
   size_t inbox, control, route_rank, route_cnt;  // local
   size_t ll_recv, ll_comb, ll_count;
+  size_t ll_send, ll_comb_send;  // local staging of the NVSHMEM transport (0 otherwise)
+};
+
+// How the low-latency kernels reach other ranks.
+enum Transport : int {
+  kTransportPeer = 0,     // stores through peer pointers (CUDA IPC, peer access, one GPU)
+  kTransportNvshmem = 1,  // NVSHMEM puts and signals on symmetric memory
 };
 
 struct PeerTable {
@@ -65,6 +72,7 @@ struct CallCtx {
   FaultRecord* fault; // host-mapped
   uint64_t timeout_ns;
   uint32_t sig;       // the call's signature (op and shapes), the same on every rank
+  int transport;      // Transport
 };
 
 }  // namespace jax_ep

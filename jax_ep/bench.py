@@ -1097,7 +1097,8 @@ def _rank_inputs(job: Job, routing: Routing, T: int, H: int, seed: int):
     return x, idx, w
 
 
-def _bench_buffer(run: "Run", job: Job, *, T: int, H: int, E: int, K: int, low_latency: bool):
+def _bench_buffer(run: "Run", job: Job, *, T: int, H: int, E: int, K: int, low_latency: bool,
+                  transport: str = "peer"):
     """(Buffer, None), or (None, why) when it cannot be made."""
     import jax.numpy as jnp
 
@@ -1106,10 +1107,24 @@ def _bench_buffer(run: "Run", job: Job, *, T: int, H: int, E: int, K: int, low_l
     what = "jax_ep.Buffer(low_latency=True)" if low_latency else "jax_ep.Buffer"
     try:
         return jax_ep.Buffer(job.mesh, EP, hidden=H, max_tokens_per_rank=T, num_experts=E, top_k=K,
-                             dtype=jnp.bfloat16, low_latency=low_latency,
+                             dtype=jnp.bfloat16, low_latency=low_latency, transport=transport,
                              name=f"jax_ep_bench_{'ll_' if low_latency else ''}{T}"), None
     except Exception as e:  # noqa: BLE001
         return None, run.error(what, e)
+
+
+def _start_nvshmem(run: "Run", R: int, H: int, E: int, K: int, T: int):
+    """NVSHMEM with a heap that holds the largest Buffer: (True, None) or (False, why)."""
+    import jax_ep
+    from jax_ep import nvshmem
+
+    need = jax_ep.Buffer.size_hint(num_ranks=R, hidden=H, max_tokens_per_rank=T, num_experts=E,
+                                   top_k=K, low_latency=True, transport="nvshmem")
+    try:
+        nvshmem.initialize(symmetric_size=need + (256 << 20))
+    except Exception as e:  # noqa: BLE001
+        return False, run.error("jax_ep.nvshmem.initialize", e)
+    return True, None
 
 
 def _close(buf) -> None:
@@ -1460,13 +1475,17 @@ def run_low_latency(args) -> int:
     if "xla" in run.backends and not xla_ok:
         run.notes.append(f"xla backend {xla_why[5:]}; cuda outputs are not compared here (tests/gpu do it)")
 
+    if args.transport == "nvshmem" and "cuda" in run.backends and cuda_ok:
+        cuda_ok, cuda_why = _start_nvshmem(run, R, H, E, K, max(_ints(args.tokens)))
+        run.notes.append("low-latency kernels over NVSHMEM (puts and signals on symmetric memory)")
     for T in _ints(args.tokens):
         routing = make_routing(args.routing, args.seed, R, T, E, K, args.zipf_s)
         shape = dict(tokens=T, hidden=H, top_k=K, experts=E)
         x, idx, w = _rank_inputs(job, routing, T, H, args.seed)
         buf = None
         if "cuda" in run.backends and cuda_ok:
-            buf, why = _bench_buffer(run, job, T=T, H=H, E=E, K=K, low_latency=True)
+            buf, why = _bench_buffer(run, job, T=T, H=H, E=E, K=K, low_latency=True,
+                                     transport=args.transport)
             if buf is None:
                 cuda_ok, cuda_why = False, why
 
@@ -1511,7 +1530,8 @@ def run_low_latency(args) -> int:
         def base_row(direction, dtype, backend):
             t_roof, t_stage, t_copy, msg_bytes = lim[(direction, dtype)]
             return dict(mode="low_latency", workload=f"{direction} {dtype} T={T}", direction=direction,
-                        dtype=dtype, layout=None, routing=args.routing, backend=backend, ranks=R,
+                        dtype=dtype, layout=None, routing=args.routing, backend=backend,
+                        transport=args.transport if backend == "cuda" else None, ranks=R,
                         procs=job.nproc, sms=None, roofline_us=t_roof * 1e6, staging_us=t_stage * 1e6,
                         copy_us=t_copy, bytes_per_rank=float(msg_bytes.mean()), **shape)
 
@@ -1661,6 +1681,8 @@ def _parser() -> argparse.ArgumentParser:
     ll = sub.add_parser("low-latency", help="low-latency dispatch / combine (decode)")
     common(ll, ",".join(map(str, LL_TOKENS)), "fp8", "uniform", "cuda,xla")
     ll.add_argument("--round-scale", dest="round_scale", action="store_true")
+    ll.add_argument("--transport", choices=("peer", "nvshmem"), default="peer",
+                    help="how the cuda kernels reach other ranks (nvshmem: a build with NVSHMEM)")
     ll.add_argument("--no-combine-alone", dest="no_combine_alone", action="store_true",
                     help="skip timing combine by itself (repeated on one dispatch's handle); the round "
                          "trip (dispatch then combine) is always timed")

@@ -50,6 +50,7 @@ class Layout:
     num_experts: int
     elem_bytes: int
     low_latency: bool
+    transport: str = "peer"
 
     ALIGN = 256
 
@@ -78,6 +79,9 @@ class Layout:
             msg = up(H * 2 + 16)
             half += [("ll_recv", up(el * R * m * msg)), ("ll_comb", up(self.num_experts * m * H * 2))]
             local += [("ll_count", up(el * R * 8))]
+            if self.transport == "nvshmem":  # staging that puts read from
+                local += [("ll_send", up(m * (msg + 16 * 16))),
+                          ("ll_comb_send", up(self.num_experts * m * H * 2))]
         return half, local
 
     def offsets(self) -> Dict[str, int]:
@@ -114,6 +118,14 @@ class Buffer:
       dtype:               widest activation dtype (bfloat16, float16, float32).
       low_latency:         also reserve the low-latency (decode) regions.
       name:                registry name; `buffer=None` in calls means "default".
+      transport:           how the low-latency kernels reach other ranks: "peer"
+                           (stores through peer pointers: CUDA IPC, peer access or
+                           one GPU) or "nvshmem" (puts and signals on NVSHMEM
+                           symmetric memory, the path between nodes; needs
+                           `jax_ep.nvshmem.initialize()` first, one GPU per
+                           process, and an EP group of all processes with EP rank
+                           r = process r). Normal mode works on both while every
+                           rank is reachable by loads and stores.
     """
 
     def __init__(
@@ -128,6 +140,7 @@ class Buffer:
         dtype=jnp.bfloat16,
         low_latency: bool = False,
         name: str = "default",
+        transport: str = "peer",
     ):
         axes = _axes(axis_name)
         for a in axes:
@@ -140,6 +153,8 @@ class Buffer:
                 raise ValueError(f"{arg} must be a positive int, got {v!r}")
         if num_experts % R:
             raise ValueError(f"num_experts ({num_experts}) must be divisible by the EP group size ({R})")
+        if transport not in ("peer", "nvshmem"):
+            raise ValueError(f"transport must be 'peer' or 'nvshmem', got {transport!r}")
         dtype = jnp.dtype(dtype)
         if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
             raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
@@ -154,8 +169,9 @@ class Buffer:
         self.top_k = int(top_k)
         self.dtype = dtype
         self.low_latency = bool(low_latency)
+        self.transport = transport
         self.layout = Layout(R, self.hidden, self.max_tokens_per_rank, self.top_k,
-                             self.num_experts, dtype.itemsize, self.low_latency)
+                             self.num_experts, dtype.itemsize, self.low_latency, transport)
         group = tuple(sorted(mesh.shape.items()))
         key = repr((axes, group, name)).encode()
         self.buffer_id = zlib.crc32(key) | (1 << 32)
@@ -170,10 +186,11 @@ class Buffer:
 
     @staticmethod
     def size_hint(*, num_ranks: int, hidden: int, max_tokens_per_rank: int, num_experts: int,
-                  top_k: int, dtype=jnp.bfloat16, low_latency: bool = False) -> int:
+                  top_k: int, dtype=jnp.bfloat16, low_latency: bool = False,
+                  transport: str = "peer") -> int:
         """Bytes of communication memory one rank needs for this configuration."""
         return Layout(num_ranks, hidden, max_tokens_per_rank, top_k, num_experts,
-                      jnp.dtype(dtype).itemsize, low_latency).total_bytes
+                      jnp.dtype(dtype).itemsize, low_latency, transport).total_bytes
 
     @property
     def nbytes(self) -> int:
@@ -201,7 +218,8 @@ class Buffer:
                 num_ranks=self.num_ranks, hidden=max(hidden, self.hidden),
                 max_tokens_per_rank=max(tokens, self.max_tokens_per_rank), num_experts=num_experts,
                 top_k=max(top_k, self.top_k),
-                dtype=dtype if "dtype" in need else self.dtype, low_latency=self.low_latency)
+                dtype=dtype if "dtype" in need else self.dtype, low_latency=self.low_latency,
+                transport=self.transport)
             raise ValueError(
                 f"the call does not fit Buffer {self.name!r} ({', '.join(too_big)} too large: "
                 f"call {need}, buffer {have}); it needs a buffer of {size} bytes per rank"
@@ -224,7 +242,8 @@ class Buffer:
     def __repr__(self):
         return (f"Buffer(name={self.name!r}, axis={self.axis_name!r}, ranks={self.num_ranks}, "
                 f"hidden={self.hidden}, tokens={self.max_tokens_per_rank}, experts={self.num_experts}, "
-                f"top_k={self.top_k}, dtype={self.dtype.name}, bytes/rank={self.nbytes})")
+                f"top_k={self.top_k}, dtype={self.dtype.name}, transport={self.transport}, "
+                f"bytes/rank={self.nbytes})")
 
 
 def by_id(buffer_id: int) -> Optional[Buffer]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import atexit
 import os
-from typing import Tuple
+from typing import Optional, Tuple
 
 import jax
 
@@ -30,6 +30,8 @@ _SINGLE_HOST_DEFAULTS = {
     "NVSHMEM_REMOTE_TRANSPORT": "none",
     "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME": "lo",
     "NVSHMEM_DISABLE_NCCL": "1",
+    # several PEs on one GPU under MPS with a thread-percentage cap each
+    "NVSHMEM_IGNORE_CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "1",
 }
 
 
@@ -59,8 +61,13 @@ def _single_host() -> bool:
     return coordinator.split(":")[0] in ("127.0.0.1", "localhost") or jax.process_count() == 1
 
 
-def initialize() -> Tuple[int, int]:
-    """Start NVSHMEM in this process (once); returns (this PE, number of PEs)."""
+def initialize(symmetric_size: Optional[int] = None) -> Tuple[int, int]:
+    """Start NVSHMEM in this process (once); returns (this PE, number of PEs).
+
+    `symmetric_size`: bytes of symmetric heap per PE (NVSHMEM_SYMMETRIC_SIZE; the
+    NVSHMEM Buffers of the job must fit in it). Unset, NVSHMEM's default or the
+    environment's value holds.
+    """
     ext = _ext()
     if ext is None or not ext.nvshmem_built():
         raise RuntimeError("jax_ep was built without NVSHMEM; rebuild with "
@@ -73,6 +80,8 @@ def initialize() -> Tuple[int, int]:
     if _single_host():
         for k, v in _SINGLE_HOST_DEFAULTS.items():
             os.environ.setdefault(k, v)
+    if symmetric_size is not None:
+        os.environ["NVSHMEM_SYMMETRIC_SIZE"] = str(int(symmetric_size))
     pid, n = jax.process_index(), jax.process_count()
     if n == 1:
         uid = ext.nvshmem_unique_id()
@@ -84,5 +93,16 @@ def initialize() -> Tuple[int, int]:
         else:
             uid = kv.get("unique_id")
     ext.nvshmem_start(uid, pid, n, gpus[0].local_hardware_id)
-    atexit.register(ext.nvshmem_stop)
+    atexit.register(_stop)
     return int(ext.nvshmem_pe()), int(ext.nvshmem_npes())
+
+
+def _stop() -> None:
+    """At exit: NVSHMEM Buffers first (their memory is symmetric, freed by every PE
+    together), then NVSHMEM itself."""
+    from . import buffer as buffer_lib
+
+    for buf in list(buffer_lib._REGISTRY.values()):
+        if buf.transport == "nvshmem":
+            buf.close()
+    _ext().nvshmem_stop()

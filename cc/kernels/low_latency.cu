@@ -1,6 +1,12 @@
-// Low-latency dispatch and combine over peer pointers (protocol in low_latency.h).
+// Low-latency dispatch and combine over peer pointers or NVSHMEM (protocol in
+// low_latency.h).
 #include "kernels/low_latency.h"
 #include "kernels/rows.cuh"
+
+#ifdef JAX_EP_WITH_NVSHMEM
+#include <nvshmem.h>
+#include <nvshmemx.h>
+#endif
 
 namespace jax_ep {
 namespace {
@@ -8,6 +14,7 @@ namespace {
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kHeader = 16;  // {token, i, 0, 0}
+constexpr int kU = 4;        // 16-byte units a lane loads before it stores any
 
 __host__ __device__ inline size_t msg_stride(int H) { return (kHeader + 2 * static_cast<size_t>(H) + 15) / 16 * 16; }
 
@@ -37,8 +44,30 @@ __device__ __forceinline__ __nv_bfloat16* ll_comb_slot(const CallCtx& c, const L
   return reinterpret_cast<__nv_bfloat16*>(h) + ((static_cast<size_t>(r) * s.M + t) * s.Kl + i) * s.H;
 }
 
+// The NVSHMEM transport (kShmem): messages are built in this rank's own staging
+// (symmetric memory, which every transport may read from) and put to the owner
+// PE; addresses are this rank's symmetric addresses (the same offsets on every
+// PE), so `owner` in the slot helpers is replaced by this rank.
+//   dispatch staging, per token: kMaxTopK headers of 16 bytes, then the payload.
+__host__ __device__ inline size_t ll_stage_stride(int H) { return msg_stride(H) + kMaxTopK * kHeader; }
+
+#ifdef JAX_EP_WITH_NVSHMEM
+// Bytes after the header: FP8 data then its scales, or BF16 data.
+__device__ __forceinline__ size_t payload_bytes(const LowLatencyShape& s) {
+  return s.fp8 ? static_cast<size_t>(s.H) + (s.H / 128) * sizeof(float) : 2 * static_cast<size_t>(s.H);
+}
+
+// Every put this block issued is complete (delivered at the target) before the
+// block counts itself done.
+__device__ __forceinline__ void quiet_block() {
+  __syncthreads();
+  if (threadIdx.x == 0) nvshmem_quiet();
+}
+#endif
+
 // ------------------------------------------------------------ dispatch send
 
+template <bool kShmem>
 __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(LLDispatchSendArgs a) {
   const CallCtx& c = a.c;
   const LowLatencyShape& s = a.s;
@@ -47,49 +76,90 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(LLDispatchSe
   const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(a.x);
   for (int t = blockIdx.x * kWarps + warp_id(); t < s.T; t += gridDim.x * kWarps) {
     // Where each row of this token goes: a message slot on its expert's rank.
+    // With NVSHMEM the header waits in staging and every payload is written once.
+    char* stage = kShmem ? c.peers.base[c.rank] + c.off.ll_send + t * ll_stage_stride(s.H) : nullptr;
     char* dst[kMaxTopK];
 #pragma unroll
     for (int k = 0; k < kMaxTopK; ++k) {
       char* d = nullptr;
       const int e = k < s.K ? a.row_idx[t * s.K + k] : -1;
       if (e >= 0) {
-        d = ll_slot(c, s, e / s.El, e % s.El, c.rank, a.slot_rank[t * s.K + k], epoch);
+        d = ll_slot(c, s, kShmem ? c.rank : e / s.El, e % s.El, c.rank, a.slot_rank[t * s.K + k], epoch);
         if (lane == 0) {
           const int sp = a.slot_pos[t * s.K + k];
-          *reinterpret_cast<int4*>(d) = make_int4(t, sp % s.Kl, 0, 0);
+          *reinterpret_cast<int4*>(kShmem ? stage + k * kHeader : d) = make_int4(t, sp % s.Kl, 0, 0);
         }
       }
       dst[k] = d;
     }
-    const __nv_bfloat16* row = x + static_cast<size_t>(t) * s.H;
-    for (int base = 0; base < units; base += 32) {
-      const int u = base + lane;
-      const bool active = u < units;
-      float v[kUnit];
-      if (active) load_unit(row + u * kUnit, v);
-      if (s.fp8) {  // all lanes: the 16 lanes of a 128-channel block share its scale
-        float scale;
-        const uint2 q = quantize_unit<__nv_bfloat16>(v, active, s.round_scale, &scale);
-        if (!active) continue;
+    char* payload = kShmem ? stage + kMaxTopK * kHeader : nullptr;
+    const char* row = reinterpret_cast<const char*>(x + static_cast<size_t>(t) * s.H);
+    // kU units per lane are loaded before any is sent; the loop is warp-uniform
+    // (the FP8 scale is shared by the 16 lanes of a block through shuffles).
+    for (int base = 0; base < units; base += 32 * kU) {
+      RawUnit<16> raw[kU];
 #pragma unroll
-        for (int k = 0; k < kMaxTopK; ++k) {
-          if (dst[k] == nullptr) continue;
-          reinterpret_cast<uint2*>(dst[k] + kHeader)[u] = q;
-          if (u % kUnitsPerBlock == 0)
-            reinterpret_cast<float*>(dst[k] + kHeader + s.H)[u / kUnitsPerBlock] = scale;
+      for (int j = 0; j < kU; ++j)
+        if (base + 32 * j + lane < units) raw[j].load(row + static_cast<size_t>(base + 32 * j + lane) * 16);
+#pragma unroll
+      for (int j = 0; j < kU; ++j) {
+        const int u = base + 32 * j + lane;
+        const bool active = u < units;
+        if (s.fp8) {
+          float v[kUnit];
+          Vec<__nv_bfloat16>::load(raw[j].v[0], v);
+          float scale;
+          const uint2 q = quantize_unit<__nv_bfloat16>(v, active, s.round_scale, &scale);
+          if (!active) continue;
+          if constexpr (kShmem) {
+            reinterpret_cast<uint2*>(payload)[u] = q;
+            if (u % kUnitsPerBlock == 0) reinterpret_cast<float*>(payload + s.H)[u / kUnitsPerBlock] = scale;
+          } else {
+#pragma unroll
+            for (int k = 0; k < kMaxTopK; ++k) {
+              if (dst[k] == nullptr) continue;
+              reinterpret_cast<uint2*>(dst[k] + kHeader)[u] = q;
+              if (u % kUnitsPerBlock == 0)
+                reinterpret_cast<float*>(dst[k] + kHeader + s.H)[u / kUnitsPerBlock] = scale;
+            }
+          }
+        } else if (active) {
+          if constexpr (kShmem) {
+            raw[j].store(payload + static_cast<size_t>(u) * 16);
+          } else {
+#pragma unroll
+            for (int k = 0; k < kMaxTopK; ++k)
+              if (dst[k] != nullptr) raw[j].store(dst[k] + kHeader + static_cast<size_t>(u) * 16);
+          }
         }
-      } else if (active) {
-        const int4 raw = *reinterpret_cast<const int4*>(row + u * kUnit);
-#pragma unroll
-        for (int k = 0; k < kMaxTopK; ++k)
-          if (dst[k] != nullptr) reinterpret_cast<int4*>(dst[k] + kHeader)[u] = raw;
       }
     }
+#ifdef JAX_EP_WITH_NVSHMEM
+    if constexpr (kShmem) {  // the warp puts the payload, then the header, to each owner
+      __syncwarp();
+#pragma unroll
+      for (int k = 0; k < kMaxTopK; ++k) {
+        if (dst[k] == nullptr) continue;
+        const int pe = a.row_idx[t * s.K + k] / s.El;
+        nvshmemx_putmem_nbi_warp(dst[k] + kHeader, payload, payload_bytes(s), pe);
+        nvshmemx_putmem_nbi_warp(dst[k], stage + k * kHeader, kHeader, pe);
+      }
+    }
+#endif
   }
+#ifdef JAX_EP_WITH_NVSHMEM
+  if constexpr (kShmem) quiet_block();
+#endif
   // Publish the per-expert counts once every block's messages are visible.
   if (last_block_done(c.control + kCtlDoneSend)) {
     for (int e = threadIdx.x; e < s.E; e += blockDim.x) {
       const uint64_t word = (static_cast<uint64_t>(epoch) << 32) | count_low(a.counts[e], c.sig);
+#ifdef JAX_EP_WITH_NVSHMEM
+      if constexpr (kShmem) {
+        nvshmemx_signal_op(ll_count_word(c, c.rank, e % s.El, c.rank), word, NVSHMEM_SIGNAL_SET, e / s.El);
+        continue;
+      }
+#endif
       st_release_sys64(ll_count_word(c, e / s.El, e % s.El, c.rank), word);
     }
     if (threadIdx.x == 0) *a.epoch_out = static_cast<int32_t>(epoch);
@@ -111,6 +181,21 @@ __device__ __forceinline__ uint32_t wait_count(const CallCtx& c, int el, int src
   return low & ((1u << kCountBits) - 1);
 }
 
+// Copy `n16` 16-byte words from src to dst, kU per lane in flight (src was
+// released by a peer during this kernel: coherent loads).
+__device__ __forceinline__ void copy_words(int4* dst, const int4* src, int n16) {
+  const int lane = lane_id();
+  for (int j0 = lane; j0 < n16; j0 += 32 * kU) {
+    int4 v[kU];
+#pragma unroll
+    for (int q = 0; q < kU; ++q)
+      if (j0 + 32 * q < n16) v[q] = __ldcg(src + j0 + 32 * q);
+#pragma unroll
+    for (int q = 0; q < kU; ++q)
+      if (j0 + 32 * q < n16) dst[j0 + 32 * q] = v[q];
+  }
+}
+
 __global__ void __launch_bounds__(kThreads) ll_dispatch_recv_kernel(LLDispatchRecvArgs a) {
   const CallCtx& c = a.c;
   const LowLatencyShape& s = a.s;
@@ -130,20 +215,14 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_recv_kernel(LLDispatchRe
     const int total = first[R];
     char* out = static_cast<char*>(a.out_x) + static_cast<size_t>(el) * rows * row_bytes;
     float* scales = s.fp8 ? a.out_scales + static_cast<size_t>(el) * rows * (s.H / 128) : nullptr;
-    for (int p = warp_id(); p < rows; p += kWarps) {
+    for (int p = warp_id(); p < total; p += kWarps) {  // the rest was zeroed before the launch
       int4* dst = reinterpret_cast<int4*>(out + p * row_bytes);
-      if (p >= total) {  // the rest of the expert is zero
-        for (int j = lane; j < static_cast<int>(row_bytes / 16); j += 32) dst[j] = make_int4(0, 0, 0, 0);
-        if (scales != nullptr)
-          for (int j = lane; j < s.H / 128; j += 32) scales[static_cast<size_t>(p) * (s.H / 128) + j] = 0.f;
-        continue;
-      }
       int src = 0;
       while (first[src + 1] <= p) ++src;
       const char* msg = ll_slot(c, s, c.rank, el, src, p - first[src], epoch);
       const int4 head = __ldcg(reinterpret_cast<const int4*>(msg));
       const int4* body = reinterpret_cast<const int4*>(msg + kHeader);
-      for (int j = lane; j < static_cast<int>(row_bytes / 16); j += 32) dst[j] = __ldcg(body + j);
+      copy_words(dst, body, static_cast<int>(row_bytes / 16));
       if (scales != nullptr) {
         const float* sc = reinterpret_cast<const float*>(msg + kHeader + s.H);
         for (int j = lane; j < s.H / 128; j += 32) scales[static_cast<size_t>(p) * (s.H / 128) + j] = __ldcg(sc + j);
@@ -157,24 +236,54 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_recv_kernel(LLDispatchRe
 
 // ------------------------------------------------------------ combine send
 
+// One warp per packed row (source rank, token, local slot), so the rows of a
+// few tokens still spread over every warp; kU loads per lane in flight. With
+// NVSHMEM the row is copied to this rank's staging and put from there.
+template <bool kShmem>
 __global__ void __launch_bounds__(kThreads) ll_combine_send_kernel(LLCombineSendArgs a) {
   const CallCtx& c = a.c;
   const LowLatencyShape& s = a.s;
   const uint32_t epoch = current_epoch(c);
   const int R = c.nranks, lane = lane_id(), units = s.H / kUnit;
   const __nv_bfloat16* eo = static_cast<const __nv_bfloat16*>(a.expert_out);
-  for (int g = blockIdx.x * kWarps + warp_id(); g < R * s.M; g += gridDim.x * kWarps) {
-    const int src = g / s.M, t = g % s.M;
-    for (int i = 0; i < s.Kl; ++i) {
-      const int row = a.src_rows[static_cast<size_t>(g) * s.Kl + i];
-      if (row < 0) continue;
-      const int4* from = reinterpret_cast<const int4*>(eo + static_cast<size_t>(row) * s.H);
-      int4* to = reinterpret_cast<int4*>(ll_comb_slot(c, s, src, c.rank, t, i, epoch));
-      for (int u = lane; u < units; u += 32) to[u] = __ldg(from + u);
+  const int n = R * s.M * s.Kl;
+  for (int g = blockIdx.x * kWarps + warp_id(); g < n; g += gridDim.x * kWarps) {
+    const int row = a.src_rows[g];  // [R, M, Kl]
+    if (row < 0) continue;
+    const int src = g / (s.M * s.Kl), t = (g / s.Kl) % s.M, i = g % s.Kl;
+    const char* from = reinterpret_cast<const char*>(eo + static_cast<size_t>(row) * s.H);
+    char* slot = reinterpret_cast<char*>(ll_comb_slot(c, s, kShmem ? c.rank : src, c.rank, t, i, epoch));
+    char* to = kShmem ? c.peers.base[c.rank] + c.off.ll_comb_send + static_cast<size_t>(g) * s.H * 2 : slot;
+    for (int u0 = lane; u0 < units; u0 += 32 * kU) {
+      RawUnit<16> v[kU];
+#pragma unroll
+      for (int q = 0; q < kU; ++q)
+        if (u0 + 32 * q < units) v[q].load(from + static_cast<size_t>(u0 + 32 * q) * 16);
+#pragma unroll
+      for (int q = 0; q < kU; ++q)
+        if (u0 + 32 * q < units) v[q].store(to + static_cast<size_t>(u0 + 32 * q) * 16);
     }
+#ifdef JAX_EP_WITH_NVSHMEM
+    if constexpr (kShmem) {
+      __syncwarp();
+      nvshmemx_putmem_nbi_warp(slot, to, static_cast<size_t>(s.H) * 2, src);
+    }
+#endif
   }
+#ifdef JAX_EP_WITH_NVSHMEM
+  if constexpr (kShmem) quiet_block();
+#endif
   if (last_block_done(c.control + kCtlDoneSend) && threadIdx.x == 0) {
+#ifdef JAX_EP_WITH_NVSHMEM
+    if constexpr (kShmem) {
+      const uint64_t word = (static_cast<uint64_t>(c.sig) << 32) | epoch;
+      for (int r = 0; r < R; ++r) nvshmemx_signal_op(c.inbox + c.rank, word, NVSHMEM_SIGNAL_SET, r);
+    } else {
+      signal_all(c, epoch);
+    }
+#else
     signal_all(c, epoch);
+#endif
     *a.epoch_out = static_cast<int32_t>(epoch);
   }
 }
@@ -226,18 +335,37 @@ cudaError_t launch(F kernel, int grid, cudaStream_t stream, const A& args) {
 }  // namespace
 
 cudaError_t launch_ll_dispatch_send(const LLDispatchSendArgs& a, cudaStream_t stream) {
-  return launch(ll_dispatch_send_kernel, a.num_sms, stream, a);
+  if (a.c.transport == kTransportNvshmem) {
+#ifdef JAX_EP_WITH_NVSHMEM
+    return launch(ll_dispatch_send_kernel<true>, a.num_sms, stream, a);
+#else
+    return cudaErrorNotSupported;
+#endif
+  }
+  return launch(ll_dispatch_send_kernel<false>, a.num_sms, stream, a);
 }
 
 cudaError_t launch_ll_dispatch_recv(const LLDispatchRecvArgs& a, cudaStream_t stream) {
+  const size_t rows = static_cast<size_t>(a.s.El) * a.c.nranks * a.s.M;
   const size_t n = static_cast<size_t>(a.c.nranks) * a.s.M * a.s.Kl * sizeof(int32_t);
   cudaError_t e = cudaMemsetAsync(a.src_rows, 0xff, n, stream);  // -1: no row
+  // Rows past each expert's count are zero (DESIGN 3.2); the kernel fills the rest.
+  if (e == cudaSuccess) e = cudaMemsetAsync(a.out_x, 0, rows * (a.s.fp8 ? 1 : 2) * a.s.H, stream);
+  if (e == cudaSuccess && a.out_scales != nullptr)
+    e = cudaMemsetAsync(a.out_scales, 0, rows * (a.s.H / 128) * sizeof(float), stream);
   if (e != cudaSuccess) return e;
   return launch(ll_dispatch_recv_kernel, a.num_sms < a.s.El ? a.num_sms : a.s.El, stream, a);
 }
 
 cudaError_t launch_ll_combine_send(const LLCombineSendArgs& a, cudaStream_t stream) {
-  return launch(ll_combine_send_kernel, a.num_sms, stream, a);
+  if (a.c.transport == kTransportNvshmem) {
+#ifdef JAX_EP_WITH_NVSHMEM
+    return launch(ll_combine_send_kernel<true>, a.num_sms, stream, a);
+#else
+    return cudaErrorNotSupported;
+#endif
+  }
+  return launch(ll_combine_send_kernel<false>, a.num_sms, stream, a);
 }
 
 cudaError_t launch_ll_combine_recv(const LLCombineRecvArgs& a, cudaStream_t stream) {

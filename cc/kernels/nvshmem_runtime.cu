@@ -79,6 +79,25 @@ int nvshmem_ring_check() {
   return got;
 }
 
+void* nvshmem_alloc_symmetric(size_t bytes) {
+  if (!g_running)
+    throw std::runtime_error("jax_ep: the NVSHMEM transport needs jax_ep.nvshmem.initialize() first");
+  void* p = nvshmem_malloc(bytes);
+  if (p == nullptr)
+    throw std::runtime_error("jax_ep: nvshmem_malloc of " + std::to_string(bytes) +
+                             " bytes failed (raise NVSHMEM_SYMMETRIC_SIZE)");
+  check_cuda(cudaMemset(p, 0, bytes), "cudaMemset of symmetric memory");
+  check_cuda(cudaDeviceSynchronize(), "symmetric memory initialisation");
+  nvshmem_barrier_all();  // every PE's copy is zero before any peer writes to it
+  return p;
+}
+
+void nvshmem_free_symmetric(void* p) {
+  if (g_running && p != nullptr) nvshmem_free(p);
+}
+
+void* nvshmem_peer_pointer(void* p, int pe) { return g_running ? nvshmem_ptr(p, pe) : nullptr; }
+
 void nvshmem_stop() {
   if (!g_running) return;
   nvshmem_finalize();
@@ -101,6 +120,9 @@ int nvshmem_pe() { return -1; }
 int nvshmem_npes() { return 0; }
 int nvshmem_ring_check() { not_built(); }
 void nvshmem_stop() {}
+void* nvshmem_alloc_symmetric(size_t) { not_built(); }
+void nvshmem_free_symmetric(void*) {}
+void* nvshmem_peer_pointer(void*, int) { return nullptr; }
 
 #endif
 

@@ -90,6 +90,28 @@ def _groups(mesh, axes):
     return {g: list(flat[g]) for g in range(flat.shape[0])}
 
 
+_TRANSPORTS = {"peer": 0, "nvshmem": 1}
+
+
+def _check_nvshmem_group(buf, groups) -> None:
+    """The NVSHMEM transport: one GPU per process, EP rank r = process r = PE r."""
+    from .. import nvshmem
+
+    if not nvshmem.available():
+        raise RuntimeError("Buffer(transport='nvshmem') needs jax_ep built with NVSHMEM "
+                           "(-Ccmake.define.JAX_EP_NVSHMEM=ON, BUILD.md)")
+    if not nvshmem.running():
+        raise RuntimeError("Buffer(transport='nvshmem') needs jax_ep.nvshmem.initialize() first")
+    if len(groups) != 1:
+        raise ValueError("Buffer(transport='nvshmem') needs the EP axis to span the whole mesh "
+                         "(NVSHMEM's symmetric memory is allocated by every PE together)")
+    ranks = next(iter(groups.values()))
+    if [d.process_index for d in ranks] != list(range(jax.process_count())):
+        raise ValueError("Buffer(transport='nvshmem') needs one device per process, EP rank r on "
+                         f"process r; the EP axis has devices of processes "
+                         f"{[d.process_index for d in ranks]}")
+
+
 def create_buffer(buf) -> Optional[NativeBuffer]:
     """Allocate, exchange and map the memory of `buf` for this process's devices."""
     from .. import distributed
@@ -102,7 +124,9 @@ def create_buffer(buf) -> Optional[NativeBuffer]:
     n = _instances.get(buf.buffer_id, 0)
     _instances[buf.buffer_id] = n + 1
     config = repr((buf.num_ranks, buf.hidden, buf.max_tokens_per_rank, buf.num_experts,
-                   buf.top_k, buf.dtype.name, buf.low_latency)).encode()
+                   buf.top_k, buf.dtype.name, buf.low_latency, buf.transport)).encode()
+    if buf.transport == "nvshmem":
+        return _create_nvshmem(buf, groups, offsets, config, n)
     for g, ranks in groups.items():
         local = [d for d in ranks if d.process_index == pid]
         if not local:
@@ -143,6 +167,27 @@ def create_buffer(buf) -> Optional[NativeBuffer]:
         for d in local:
             _ext.connect(buf.buffer_id, d.local_hardware_id, handles, local_devs)
     return NativeBuffer(buf.buffer_id, mine, (lambda: [b() for b in barriers]) if barriers else None)
+
+
+def _create_nvshmem(buf, groups, offsets, config: bytes, n: int) -> NativeBuffer:
+    """Symmetric memory on every PE: the configurations are compared through the
+    key-value store first, so a mismatch raises before the collective allocation."""
+    from .. import distributed
+
+    _check_nvshmem_group(buf, groups)
+    ranks = next(iter(groups.values()))
+    (d,) = [d for d in ranks if d.process_index == jax.process_index()]
+    r = ranks.index(d)
+    if len(ranks) > 1:
+        kv = distributed.kv_store(f"jax_ep/buffer/{buf.buffer_id:x}/{n}/nvshmem")
+        for p, cfg in enumerate(kv.all_gather("config", config)):
+            if cfg != config:
+                raise ValueError(
+                    f"jax_ep.Buffer {buf.name!r}: rank {p} was created with {cfg.decode()} but this "
+                    f"rank with {config.decode()}; every rank of an EP group must create the same Buffer")
+    _ext.create(buf.buffer_id, d.local_hardware_id, r, len(ranks), buf.max_tokens_per_rank, offsets,
+                timeout_s(), _TRANSPORTS["nvshmem"])
+    return NativeBuffer(buf.buffer_id, [d.local_hardware_id])
 
 
 # ------------------------------------------------------------------ normal mode

@@ -11,10 +11,10 @@ from harness import assert_same, buffer, num_ranks, routing, run_gpu, run_oracle
 H, E, K, M = 256, 32, 6, 64
 
 
-def _body(backend, fp8, round_scale, overlap):
+def _body(backend, fp8, round_scale, overlap, buffer=None):
     def body(x, idx, w):
         kw = dict(num_experts=E, axis_name="ep", max_tokens_per_rank=M, fp8=fp8,
-                  round_scale=round_scale, backend=backend)
+                  round_scale=round_scale, backend=backend, buffer=buffer)
         if overlap:  # the split calls with work pinned between them
             r, _ = jax_ep.overlap(lambda: jax_ep.low_latency_dispatch_send(x, idx, **kw),
                                   lambda v: v * 2, jax_ep.low_latency_dispatch_recv, x)
@@ -52,6 +52,55 @@ def test_low_latency_matches_xla(case):
     got = run_gpu(key + ("cuda",), _body("cuda", fp8, round_scale, overlap), x, idx, w)
     want = run_oracle(key + ("xla",), _body("xla", fp8, round_scale, overlap), x, idx, w)
     assert_same(got, want, str(case))
+
+
+_NVSHMEM = []
+
+
+def _nvshmem_buffer() -> jax_ep.Buffer:
+    """A second Buffer, on NVSHMEM symmetric memory: the kernels put and signal
+    through NVSHMEM (over P2P on one GPU) instead of storing through peer pointers."""
+    from harness import AXIS, gpu_mesh
+
+    from jax_ep import nvshmem
+
+    if not nvshmem.available():
+        pytest.skip("jax_ep built without NVSHMEM")
+    if not _NVSHMEM:
+        nvshmem.initialize()
+        _NVSHMEM.append(jax_ep.Buffer(gpu_mesh(), AXIS, hidden=H, max_tokens_per_rank=M, num_experts=E,
+                                      top_k=K, dtype=jnp.bfloat16, low_latency=True, name="nvshmem",
+                                      transport="nvshmem"))
+    return _NVSHMEM[0]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_low_latency_nvshmem_matches_xla(case):
+    fp8, round_scale, kind, t, overlap = case
+    n = num_ranks()
+    nv = _nvshmem_buffer()
+    rng = np.random.default_rng(200 + CASES.index(case))
+    x = rng.standard_normal((n * t, H)).astype(jnp.bfloat16)
+    idx = routing(kind, n, t, K, E, seed=50 + CASES.index(case))
+    w = rng.random((n * t, K)).astype(np.float32)
+    key = ("llnv",) + tuple(map(str, case))
+    got = run_gpu(key + ("cuda",), _body("cuda", fp8, round_scale, overlap, buffer=nv), x, idx, w)
+    want = run_oracle(key + ("xla",), _body("xla", fp8, round_scale, overlap), x, idx, w)
+    assert_same(got, want, "nvshmem " + str(case))
+
+
+def test_low_latency_nvshmem_replays():
+    """200 executions of one compiled step on the NVSHMEM Buffer, all exact."""
+    n = num_ranks()
+    nv = _nvshmem_buffer()
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((n * M, H)).astype(jnp.bfloat16)
+    idx = routing("zipf", n, M, K, E, seed=9)
+    w = rng.random((n * M, K)).astype(np.float32)
+    want = run_oracle(("llnvr", "xla"), _body("xla", True, False, False), x, idx, w)
+    for _ in range(200):
+        got = run_gpu(("llnvr", "cuda"), _body("cuda", True, False, False, buffer=nv), x, idx, w)
+    assert_same(got, want, "nvshmem replay")
 
 
 def test_low_latency_replays():
