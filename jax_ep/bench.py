@@ -1703,7 +1703,8 @@ def _md_row(r: dict) -> str:
     fmt = lambda v, f: "—" if v is None else f.format(v)  # noqa: E731
     us = f'{r["us"]:,.0f} [{r["us_p10"]:,.0f}-{r["us_p90"]:,.0f}]'
     if r.get("mode") == "low_latency":
-        return (f'| {r["workload"]} | {r["backend"]} | {r["ranks"]} | {r.get("procs", "")} | {us} | '
+        backend = r["backend"] + (f' ({r["transport"]})' if r.get("transport") not in (None, "peer") else "")
+        return (f'| {r["workload"]} | {backend} | {r["ranks"]} | {r.get("procs", "")} | {us} | '
                 f'{r["gbps"]:.1f} | {fmt(r.get("x_copy"), "{:.2f}")} | {fmt(r.get("x_roofline"), "{:.2f}")} | '
                 f'{fmt(r.get("x_staging"), "{:.2f}")} | {fmt(r.get("vs_xla"), "{:.2f}")} | {r.get("check", "")} |')
     dee = ("" if r.get("deepep_us") is None else

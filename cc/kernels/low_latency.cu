@@ -332,17 +332,25 @@ cudaError_t launch(F kernel, int grid, cudaStream_t stream, const A& args) {
   return cudaGetLastError();
 }
 
+#ifdef JAX_EP_WITH_NVSHMEM
+constexpr bool kNvshmemBuilt = true;
+#else
+constexpr bool kNvshmemBuilt = false;
+#endif
+
+// A send kernel in the build of the Buffer's transport (NVSHMEM Buffers cannot be
+// made without NVSHMEM in the build; the check only keeps a stray call safe).
+template <typename A>
+cudaError_t launch_send(void (*peer)(A), void (*shmem)(A), const A& a, cudaStream_t stream) {
+  if (a.c.transport != kTransportNvshmem) return launch(peer, a.num_sms, stream, a);
+  if (!kNvshmemBuilt) return cudaErrorNotSupported;
+  return launch(shmem, a.num_sms, stream, a);
+}
+
 }  // namespace
 
 cudaError_t launch_ll_dispatch_send(const LLDispatchSendArgs& a, cudaStream_t stream) {
-  if (a.c.transport == kTransportNvshmem) {
-#ifdef JAX_EP_WITH_NVSHMEM
-    return launch(ll_dispatch_send_kernel<true>, a.num_sms, stream, a);
-#else
-    return cudaErrorNotSupported;
-#endif
-  }
-  return launch(ll_dispatch_send_kernel<false>, a.num_sms, stream, a);
+  return launch_send(ll_dispatch_send_kernel<false>, ll_dispatch_send_kernel<true>, a, stream);
 }
 
 cudaError_t launch_ll_dispatch_recv(const LLDispatchRecvArgs& a, cudaStream_t stream) {
@@ -358,14 +366,7 @@ cudaError_t launch_ll_dispatch_recv(const LLDispatchRecvArgs& a, cudaStream_t st
 }
 
 cudaError_t launch_ll_combine_send(const LLCombineSendArgs& a, cudaStream_t stream) {
-  if (a.c.transport == kTransportNvshmem) {
-#ifdef JAX_EP_WITH_NVSHMEM
-    return launch(ll_combine_send_kernel<true>, a.num_sms, stream, a);
-#else
-    return cudaErrorNotSupported;
-#endif
-  }
-  return launch(ll_combine_send_kernel<false>, a.num_sms, stream, a);
+  return launch_send(ll_combine_send_kernel<false>, ll_combine_send_kernel<true>, a, stream);
 }
 
 cudaError_t launch_ll_combine_recv(const LLCombineRecvArgs& a, cudaStream_t stream) {

@@ -16,6 +16,12 @@
 //                   order with its weights in float32, round once to BF16.
 // Fixed worst-case slots make every message's place known to the sender, so
 // no slot is ever cleaned: epochs tell fresh words from stale ones.
+//
+// Transports (CallCtx::transport): peer pointers, where the send kernels store
+// into the owner's memory; or NVSHMEM, where they build each message once in
+// this rank's symmetric staging, put it to every owner PE, wait for their puts
+// (nvshmem_quiet) and publish counts / signals with nvshmemx_signal_op. The
+// receive kernels read their own memory either way.
 #pragma once
 
 #include <cuda_runtime.h>
