@@ -34,3 +34,21 @@ def test_buffer_transport_is_checked():
         assert buf.transport == "nvshmem" and not buf.allocated  # no GPU memory on a CPU mesh
     finally:
         buf.close()
+
+
+@pytest.mark.parametrize("hidden,tokens,experts,ranks", [(256, 8, 8, 2), (7168, 128, 256, 8), (7168, 1, 256, 1)])
+def test_nvshmem_staging_fits_the_kernels(hidden, tokens, experts, ranks):
+    """The send kernels stage a token at ll_send + t * (message stride + 16 headers of
+    16 bytes) and a combine row at ll_comb_send + g * 2H, g < R * M * min(K, E/R)."""
+    from jax_ep.buffer import Layout
+
+    top_k = 8
+    off = Layout(ranks, hidden, tokens, top_k, experts, 2, True, "nvshmem").offsets()
+    names = sorted((k for k in off if k not in ("half_bytes", "total")), key=off.get)
+    ends = [off[k] for k in names[1:]] + [off["total"]]
+    size = {k: end - off[k] for k, end in zip(names, ends)}
+    stride = (16 + 2 * hidden + 15) // 16 * 16 + 16 * 16
+    assert size["ll_send"] >= tokens * stride
+    local_slots = min(top_k, experts // ranks)
+    assert size["ll_comb_send"] >= ranks * tokens * local_slots * hidden * 2
+    assert "ll_send" not in Layout(ranks, hidden, tokens, top_k, experts, 2, True, "peer").offsets()
