@@ -102,7 +102,9 @@ def _stop() -> None:
     together), then NVSHMEM itself."""
     from . import buffer as buffer_lib
 
-    for buf in list(buffer_lib._REGISTRY.values()):
-        if buf.transport == "nvshmem":
-            buf.close()
-    _ext().nvshmem_stop()
+    try:
+        for buf in list(buffer_lib._REGISTRY.values()):
+            if buf.transport == "nvshmem":
+                buf.close()
+    finally:
+        _ext().nvshmem_stop()
