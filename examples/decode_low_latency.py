@@ -240,6 +240,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=True,
                    help="FP8 dispatch (per 128-channel block scales)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--transport", choices=("peer", "nvshmem"), default="peer",
+                   help="how the kernels reach other ranks (nvshmem: a build with NVSHMEM, one GPU "
+                        "per process)")
     return p
 
 
@@ -259,8 +262,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.fp8 and args.hidden % jax_ep.fp8.BLOCK:
         raise SystemExit(f"--fp8 needs --hidden to be a multiple of {jax_ep.fp8.BLOCK}")
     if platform == "gpu" and args.backend != "xla":
+        if args.transport == "nvshmem":
+            from jax_ep import nvshmem
+
+            nvshmem.initialize(symmetric_size=jax_ep.Buffer.size_hint(
+                num_ranks=R, hidden=args.hidden, max_tokens_per_rank=args.tokens,
+                num_experts=args.experts, top_k=args.top_k, low_latency=True,
+                transport="nvshmem") + (256 << 20))
         jax_ep.Buffer(mesh, AXIS, hidden=args.hidden, max_tokens_per_rank=args.tokens,
-                      num_experts=args.experts, top_k=args.top_k, dtype=BF16, low_latency=True)
+                      num_experts=args.experts, top_k=args.top_k, dtype=BF16, low_latency=True,
+                      transport=args.transport)
 
     x_np, p_np = make_inputs(args, R)
     x = to_global(mesh, x_np, P(AXIS))
@@ -284,7 +295,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         jax.block_until_ready(fn(x, params))
         times[name] = (time.perf_counter() - t0) / args.steps * 1e6
 
-    say(f"one MoE layer, {R} ranks ({platform}), backend {args.backend}, "
+    say(f"one MoE layer, {R} ranks ({platform}), backend {args.backend}"
+        f"{' over NVSHMEM' if args.transport == 'nvshmem' and platform == 'gpu' else ''}, "
         f"{'fp8' if args.fp8 else 'bf16'} dispatch: {args.tokens} tokens/rank, H={args.hidden}, "
         f"{args.experts} experts top-{args.top_k}, FFN {args.intermediate}")
     for name, us in times.items():
