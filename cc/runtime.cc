@@ -75,7 +75,8 @@ BufferState::BufferState(uint64_t id, int device, int rank, int nranks, int max_
   if (transport == kTransportNvshmem) {
     // Peers a load or store reaches (NVLink, the same GPU) get their pointer, for the
     // normal-mode kernels; the low-latency kernels put through NVSHMEM either way.
-    for (int r = 0; r < nranks_; ++r) peers_[r] = static_cast<char*>(nvshmem_peer_pointer(base_, r));
+    for (int r = 0; r < nranks_; ++r)
+      if (r != rank_) peers_[r] = static_cast<char*>(nvshmem_peer_pointer(base_, r));
     connected_ = true;
   }
   watchdog_ = std::thread([this] { watch(); });

@@ -80,6 +80,7 @@ class Layout:
             half += [("ll_recv", up(el * R * m * msg)), ("ll_comb", up(self.num_experts * m * H * 2))]
             local += [("ll_count", up(el * R * 8))]
             if self.transport == "nvshmem":  # staging that puts read from
+                # per token: 16 headers of 16 bytes (kMaxTopK x kHeader), then the message
                 local += [("ll_send", up(m * (msg + 16 * 16))),
                           ("ll_comb_send", up(self.num_experts * m * H * 2))]
         return half, local

@@ -152,6 +152,9 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(LLDispatchSe
 #endif
   // Publish the per-expert counts once every block's messages are visible.
   if (last_block_done(c.control + kCtlDoneSend)) {
+    // A signal put to a P2P peer is a plain store: release every block's messages
+    // at system scope first (the peer path's stores release by themselves).
+    if constexpr (kShmem) __threadfence_system();
     for (int e = threadIdx.x; e < s.E; e += blockDim.x) {
       const uint64_t word = (static_cast<uint64_t>(epoch) << 32) | count_low(a.counts[e], c.sig);
 #ifdef JAX_EP_WITH_NVSHMEM
@@ -212,7 +215,7 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_recv_kernel(LLDispatchRe
       a.count[el] = first[R];
     }
     __syncthreads();
-    const int total = first[R];
+    const int total = min(first[R], rows);  // a corrupt count never writes past the expert
     char* out = static_cast<char*>(a.out_x) + static_cast<size_t>(el) * rows * row_bytes;
     float* scales = s.fp8 ? a.out_scales + static_cast<size_t>(el) * rows * (s.H / 128) : nullptr;
     for (int p = warp_id(); p < total; p += kWarps) {  // the rest was zeroed before the launch
@@ -276,6 +279,7 @@ __global__ void __launch_bounds__(kThreads) ll_combine_send_kernel(LLCombineSend
   if (last_block_done(c.control + kCtlDoneSend) && threadIdx.x == 0) {
 #ifdef JAX_EP_WITH_NVSHMEM
     if constexpr (kShmem) {
+      __threadfence_system();  // as in dispatch: the signals may be plain stores
       const uint64_t word = (static_cast<uint64_t>(c.sig) << 32) | epoch;
       for (int r = 0; r < R; ++r) nvshmemx_signal_op(c.inbox + c.rank, word, NVSHMEM_SIGNAL_SET, r);
     } else {
