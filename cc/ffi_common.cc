@@ -29,15 +29,12 @@ ffi::Error state_for(int64_t buffer_id, int32_t device, BufferState** out, bool 
         std::to_string(device) + " in this process; create jax_ep.Buffer before running");
   if (!(*out)->connected())
     return ffi::Error::InvalidArgument("jax_ep: the Buffer is not connected to its peers");
-  if (needs_pointers) {
-    const CallCtx c = (*out)->ctx();
-    for (int r = 0; r < c.nranks; ++r)
-      if (c.peers.base[r] == nullptr)
-        return ffi::Error::InvalidArgument(
-            "jax_ep: normal mode stores to every rank's memory, and rank " + std::to_string(r) +
-            " of this NVSHMEM Buffer is reachable by puts only (another node); use the "
-            "low-latency calls, or a Buffer whose ranks share NVLink");
-  }
+  int missing = -1;
+  if (needs_pointers && !(*out)->maps_every_rank(&missing))
+    return ffi::Error::InvalidArgument(
+        "jax_ep: normal mode stores to every rank's memory, and rank " + std::to_string(missing) +
+        " of this NVSHMEM Buffer is reachable by puts only (another node); use the "
+        "low-latency calls, or a Buffer whose ranks share NVLink");
   return ffi::Error::Success();
 }
 

@@ -143,6 +143,15 @@ void BufferState::connect(const std::vector<std::string>& handles,
   connected_ = true;
 }
 
+bool BufferState::maps_every_rank(int* missing) const {
+  for (int r = 0; r < nranks_; ++r)
+    if (peers_[r] == nullptr) {
+      *missing = r;
+      return false;
+    }
+  return true;
+}
+
 CallCtx BufferState::ctx() const {
   CallCtx c{};
   for (int r = 0; r < nranks_; ++r) c.peers.base[r] = peers_[r];

@@ -49,7 +49,9 @@ class BufferState {
   int max_tokens() const { return max_tokens_; }
   char* base() const { return base_; }
   bool connected() const { return connected_; }
-  int transport() const { return transport_; }
+  // Every rank's memory is reachable by loads and stores (false for an NVSHMEM
+  // Buffer with ranks that only puts reach); the first such rank in `*missing`.
+  bool maps_every_rank(int* missing) const;
 
  private:
   void watch();

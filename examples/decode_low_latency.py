@@ -265,10 +265,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.transport == "nvshmem":
             from jax_ep import nvshmem
 
-            nvshmem.initialize(symmetric_size=jax_ep.Buffer.size_hint(
+            nvshmem.initialize(symmetric_size=nvshmem.heap_bytes(
                 num_ranks=R, hidden=args.hidden, max_tokens_per_rank=args.tokens,
-                num_experts=args.experts, top_k=args.top_k, low_latency=True,
-                transport="nvshmem") + (256 << 20))
+                num_experts=args.experts, top_k=args.top_k, low_latency=True))
         jax_ep.Buffer(mesh, AXIS, hidden=args.hidden, max_tokens_per_rank=args.tokens,
                       num_experts=args.experts, top_k=args.top_k, dtype=BF16, low_latency=True,
                       transport=args.transport)

@@ -1115,13 +1115,11 @@ def _bench_buffer(run: "Run", job: Job, *, T: int, H: int, E: int, K: int, low_l
 
 def _start_nvshmem(run: "Run", R: int, H: int, E: int, K: int, T: int):
     """NVSHMEM with a heap that holds the largest Buffer: (True, None) or (False, why)."""
-    import jax_ep
     from jax_ep import nvshmem
 
-    need = jax_ep.Buffer.size_hint(num_ranks=R, hidden=H, max_tokens_per_rank=T, num_experts=E,
-                                   top_k=K, low_latency=True, transport="nvshmem")
     try:
-        nvshmem.initialize(symmetric_size=need + (256 << 20))
+        nvshmem.initialize(symmetric_size=nvshmem.heap_bytes(
+            num_ranks=R, hidden=H, max_tokens_per_rank=T, num_experts=E, top_k=K, low_latency=True))
     except Exception as e:  # noqa: BLE001
         return False, run.error("jax_ep.nvshmem.initialize", e)
     return True, None

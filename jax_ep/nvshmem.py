@@ -97,6 +97,15 @@ def initialize(symmetric_size: Optional[int] = None) -> Tuple[int, int]:
     return int(ext.nvshmem_pe()), int(ext.nvshmem_npes())
 
 
+def heap_bytes(**size_hint_kwargs) -> int:
+    """A symmetric heap for one NVSHMEM Buffer of this configuration (the keyword
+    arguments of `jax_ep.Buffer.size_hint`, without `transport`) and 256 MiB for
+    NVSHMEM's own use: the `symmetric_size` to pass to `initialize`."""
+    from .buffer import Buffer
+
+    return Buffer.size_hint(transport="nvshmem", **size_hint_kwargs) + (256 << 20)
+
+
 def _stop() -> None:
     """At exit: NVSHMEM Buffers first (their memory is symmetric, freed by every PE
     together), then NVSHMEM itself."""

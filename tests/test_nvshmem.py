@@ -52,3 +52,11 @@ def test_nvshmem_staging_fits_the_kernels(hidden, tokens, experts, ranks):
     local_slots = min(top_k, experts // ranks)
     assert size["ll_comb_send"] >= ranks * tokens * local_slots * hidden * 2
     assert "ll_send" not in Layout(ranks, hidden, tokens, top_k, experts, 2, True, "peer").offsets()
+
+
+def test_heap_bytes_holds_the_buffer():
+    import jax_ep
+
+    kw = dict(num_ranks=8, hidden=7168, max_tokens_per_rank=128, num_experts=256, top_k=8,
+              low_latency=True)
+    assert nvshmem.heap_bytes(**kw) == jax_ep.Buffer.size_hint(transport="nvshmem", **kw) + (256 << 20)

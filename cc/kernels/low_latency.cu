@@ -65,6 +65,21 @@ __device__ __forceinline__ void quiet_block() {
 }
 #endif
 
+// Copy `n16` 16-byte units from src to dst by one warp, kU per lane in flight
+// (kCoherent: src was released by a peer during this kernel).
+template <bool kCoherent>
+__device__ __forceinline__ void copy_units(char* dst, const char* src, int n16) {
+  for (int u0 = lane_id(); u0 < n16; u0 += 32 * kU) {
+    RawUnit<16, kCoherent> v[kU];
+#pragma unroll
+    for (int q = 0; q < kU; ++q)
+      if (u0 + 32 * q < n16) v[q].load(src + static_cast<size_t>(u0 + 32 * q) * 16);
+#pragma unroll
+    for (int q = 0; q < kU; ++q)
+      if (u0 + 32 * q < n16) v[q].store(dst + static_cast<size_t>(u0 + 32 * q) * 16);
+  }
+}
+
 // ------------------------------------------------------------ dispatch send
 
 template <bool kShmem>
@@ -184,21 +199,6 @@ __device__ __forceinline__ uint32_t wait_count(const CallCtx& c, int el, int src
   return low & ((1u << kCountBits) - 1);
 }
 
-// Copy `n16` 16-byte words from src to dst, kU per lane in flight (src was
-// released by a peer during this kernel: coherent loads).
-__device__ __forceinline__ void copy_words(int4* dst, const int4* src, int n16) {
-  const int lane = lane_id();
-  for (int j0 = lane; j0 < n16; j0 += 32 * kU) {
-    int4 v[kU];
-#pragma unroll
-    for (int q = 0; q < kU; ++q)
-      if (j0 + 32 * q < n16) v[q] = __ldcg(src + j0 + 32 * q);
-#pragma unroll
-    for (int q = 0; q < kU; ++q)
-      if (j0 + 32 * q < n16) dst[j0 + 32 * q] = v[q];
-  }
-}
-
 __global__ void __launch_bounds__(kThreads) ll_dispatch_recv_kernel(LLDispatchRecvArgs a) {
   const CallCtx& c = a.c;
   const LowLatencyShape& s = a.s;
@@ -224,8 +224,7 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_recv_kernel(LLDispatchRe
       while (first[src + 1] <= p) ++src;
       const char* msg = ll_slot(c, s, c.rank, el, src, p - first[src], epoch);
       const int4 head = __ldcg(reinterpret_cast<const int4*>(msg));
-      const int4* body = reinterpret_cast<const int4*>(msg + kHeader);
-      copy_words(dst, body, static_cast<int>(row_bytes / 16));
+      copy_units<true>(reinterpret_cast<char*>(dst), msg + kHeader, static_cast<int>(row_bytes / 16));
       if (scales != nullptr) {
         const float* sc = reinterpret_cast<const float*>(msg + kHeader + s.H);
         for (int j = lane; j < s.H / 128; j += 32) scales[static_cast<size_t>(p) * (s.H / 128) + j] = __ldcg(sc + j);
@@ -239,6 +238,21 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_recv_kernel(LLDispatchRe
 
 // ------------------------------------------------------------ combine send
 
+// signal_all of the transport: with NVSHMEM, signal puts (to a P2P peer a plain
+// store, so every block's rows are released at system scope first).
+template <bool kShmem>
+__device__ __forceinline__ void signal_ranks(const CallCtx& c, uint32_t epoch) {
+#ifdef JAX_EP_WITH_NVSHMEM
+  if constexpr (kShmem) {
+    __threadfence_system();
+    const uint64_t word = (static_cast<uint64_t>(c.sig) << 32) | epoch;
+    for (int r = 0; r < c.nranks; ++r) nvshmemx_signal_op(c.inbox + c.rank, word, NVSHMEM_SIGNAL_SET, r);
+    return;
+  }
+#endif
+  signal_all(c, epoch);
+}
+
 // One warp per packed row (source rank, token, local slot), so the rows of a
 // few tokens still spread over every warp; kU loads per lane in flight. With
 // NVSHMEM the row is copied to this rank's staging and put from there.
@@ -247,9 +261,9 @@ __global__ void __launch_bounds__(kThreads) ll_combine_send_kernel(LLCombineSend
   const CallCtx& c = a.c;
   const LowLatencyShape& s = a.s;
   const uint32_t epoch = current_epoch(c);
-  const int R = c.nranks, lane = lane_id(), units = s.H / kUnit;
+  const int units = s.H / kUnit;
   const __nv_bfloat16* eo = static_cast<const __nv_bfloat16*>(a.expert_out);
-  const int n = R * s.M * s.Kl;
+  const int n = c.nranks * s.M * s.Kl;
   for (int g = blockIdx.x * kWarps + warp_id(); g < n; g += gridDim.x * kWarps) {
     const int row = a.src_rows[g];  // [R, M, Kl]
     if (row < 0) continue;
@@ -257,15 +271,7 @@ __global__ void __launch_bounds__(kThreads) ll_combine_send_kernel(LLCombineSend
     const char* from = reinterpret_cast<const char*>(eo + static_cast<size_t>(row) * s.H);
     char* slot = reinterpret_cast<char*>(ll_comb_slot(c, s, kShmem ? c.rank : src, c.rank, t, i, epoch));
     char* to = kShmem ? c.peers.base[c.rank] + c.off.ll_comb_send + static_cast<size_t>(g) * s.H * 2 : slot;
-    for (int u0 = lane; u0 < units; u0 += 32 * kU) {
-      RawUnit<16> v[kU];
-#pragma unroll
-      for (int q = 0; q < kU; ++q)
-        if (u0 + 32 * q < units) v[q].load(from + static_cast<size_t>(u0 + 32 * q) * 16);
-#pragma unroll
-      for (int q = 0; q < kU; ++q)
-        if (u0 + 32 * q < units) v[q].store(to + static_cast<size_t>(u0 + 32 * q) * 16);
-    }
+    copy_units<false>(to, from, units);
 #ifdef JAX_EP_WITH_NVSHMEM
     if constexpr (kShmem) {
       __syncwarp();
@@ -277,17 +283,7 @@ __global__ void __launch_bounds__(kThreads) ll_combine_send_kernel(LLCombineSend
   if constexpr (kShmem) quiet_block();
 #endif
   if (last_block_done(c.control + kCtlDoneSend) && threadIdx.x == 0) {
-#ifdef JAX_EP_WITH_NVSHMEM
-    if constexpr (kShmem) {
-      __threadfence_system();  // as in dispatch: the signals may be plain stores
-      const uint64_t word = (static_cast<uint64_t>(c.sig) << 32) | epoch;
-      for (int r = 0; r < R; ++r) nvshmemx_signal_op(c.inbox + c.rank, word, NVSHMEM_SIGNAL_SET, r);
-    } else {
-      signal_all(c, epoch);
-    }
-#else
-    signal_all(c, epoch);
-#endif
+    signal_ranks<kShmem>(c, epoch);
     *a.epoch_out = static_cast<int32_t>(epoch);
   }
 }

@@ -93,6 +93,12 @@ def _groups(mesh, axes):
 _TRANSPORTS = {"peer": 0, "nvshmem": 1}
 
 
+def _config_mismatch(buf, rank: int, theirs: bytes, ours: bytes) -> ValueError:
+    return ValueError(
+        f"jax_ep.Buffer {buf.name!r}: rank {rank} was created with {theirs.decode()} but this rank "
+        f"with {ours.decode()}; every rank of an EP group must create the same Buffer")
+
+
 def _check_nvshmem_group(buf, groups) -> None:
     """The NVSHMEM transport: one GPU per process, EP rank r = process r = PE r."""
     from .. import nvshmem
@@ -158,11 +164,7 @@ def create_buffer(buf) -> Optional[NativeBuffer]:
                 got = kv.get(f"rank{r}")
                 cfg, _, handle = got.partition(b"|")  # the raw handle may hold "|"
                 if cfg != config:
-                    raise ValueError(
-                        f"jax_ep.Buffer {buf.name!r}: rank {r} was created with "
-                        f"{cfg.decode()} but this rank with {config.decode()}; every rank of an "
-                        "EP group must create the same Buffer"
-                    )
+                    raise _config_mismatch(buf, r, cfg, config)
                 handles[r] = handle
         for d in local:
             _ext.connect(buf.buffer_id, d.local_hardware_id, handles, local_devs)
@@ -182,9 +184,7 @@ def _create_nvshmem(buf, groups, offsets, config: bytes, n: int) -> NativeBuffer
         kv = distributed.kv_store(f"jax_ep/buffer/{buf.buffer_id:x}/{n}/nvshmem")
         for p, cfg in enumerate(kv.all_gather("config", config)):
             if cfg != config:
-                raise ValueError(
-                    f"jax_ep.Buffer {buf.name!r}: rank {p} was created with {cfg.decode()} but this "
-                    f"rank with {config.decode()}; every rank of an EP group must create the same Buffer")
+                raise _config_mismatch(buf, p, cfg, config)
     _ext.create(buf.buffer_id, d.local_hardware_id, r, len(ranks), buf.max_tokens_per_rank, offsets,
                 timeout_s(), _TRANSPORTS["nvshmem"])
     return NativeBuffer(buf.buffer_id, [d.local_hardware_id])
