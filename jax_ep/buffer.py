@@ -77,12 +77,13 @@ class Layout:
         if self.low_latency:
             m = T
             msg = up(H * 2 + 16)
-            half += [("ll_recv", up(el * R * m * msg)), ("ll_comb", up(self.num_experts * m * H * 2))]
+            # combine slots: one BF16 row per (expert rank, token, local slot < min(K, E/R))
+            comb = up(R * m * kr * H * 2)
+            half += [("ll_recv", up(el * R * m * msg)), ("ll_comb", comb)]
             local += [("ll_count", up(el * R * 8))]
             if self.transport == "nvshmem":  # staging that puts read from
                 # per token: 16 headers of 16 bytes (kMaxTopK x kHeader), then the message
-                local += [("ll_send", up(m * (msg + 16 * 16))),
-                          ("ll_comb_send", up(self.num_experts * m * H * 2))]
+                local += [("ll_send", up(m * (msg + 16 * 16))), ("ll_comb_send", comb)]
         return half, local
 
     def offsets(self) -> Dict[str, int]:
