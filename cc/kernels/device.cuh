@@ -120,13 +120,21 @@ __device__ __forceinline__ void signal_all(const CallCtx& c, uint32_t epoch) {
 
 // The last block of a grid to reach this point returns true (and resets the
 // counter, so the same counter serves the next launch without a memset).
-// The system-scope fence makes each block's writes, peers' memory included,
-// visible before its arrival is counted, so the last block may signal peers.
+// kSystem: a system-scope fence makes each block's writes, peers' memory
+// included, visible before its arrival is counted, so the last block may signal
+// peers. Without it (a kernel that only closes the call on its own GPU, where the
+// next kernel in stream order sees everything anyway) a GPU-scope fence is enough
+// and much cheaper with many blocks.
+template <bool kSystem = true>
 __device__ __forceinline__ bool last_block_done(uint32_t* counter) {
   __shared__ bool last;
   __syncthreads();
   if (threadIdx.x == 0) {
-    __threadfence_system();
+    if constexpr (kSystem) {
+      __threadfence_system();
+    } else {
+      __threadfence();
+    }
     const uint32_t n = gridDim.x * gridDim.y * gridDim.z;
     last = atomicAdd(counter, 1u) == n - 1;
     if (last) {
@@ -141,7 +149,7 @@ __device__ __forceinline__ bool last_block_done(uint32_t* counter) {
 // The last block of the call's last kernel records the call as complete.
 __device__ __forceinline__ void close_call(const CallCtx& c, uint32_t* counter, uint32_t epoch,
                                            int32_t* epoch_out) {
-  if (last_block_done(counter) && threadIdx.x == 0) {
+  if (last_block_done<false>(counter) && threadIdx.x == 0) {
     c.control[kCtlEpoch] = epoch;
     *epoch_out = static_cast<int32_t>(epoch);
   }

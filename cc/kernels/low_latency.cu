@@ -15,6 +15,23 @@ constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kHeader = 16;  // {token, i, 0, 0}
 constexpr int kU = 4;        // 16-byte units a lane loads before it stores any
+constexpr int kChunk = 32 * kU;  // units a warp moves per step of the send loop
+constexpr int kMaxParts = 16;    // most warps sharing one token's row in the combine recv
+
+// Few tokens leave most warps idle, and one warp walking a whole row is a chain
+// of dependent memory round trips: a token's row is split into `parts` pieces,
+// one warp each, when there are warps to spare. Warp gw takes piece gw % parts of
+// tokens gw / parts, gw / parts + slots, ...; warps past slots * parts take none.
+struct RowSplit {
+  int parts, slots, part, first;
+  __device__ RowSplit(int T, int most) {
+    const int G = gridDim.x * kWarps, gw = blockIdx.x * kWarps + warp_id();
+    parts = max(1, min(most, G / max(T, 1)));
+    slots = G / parts;
+    part = gw % parts;
+    first = gw < slots * parts ? gw / parts : T;
+  }
+};
 
 __host__ __device__ inline size_t msg_stride(int H) { return (kHeader + 2 * static_cast<size_t>(H) + 15) / 16 * 16; }
 
@@ -52,11 +69,6 @@ __device__ __forceinline__ __nv_bfloat16* ll_comb_slot(const CallCtx& c, const L
 __host__ __device__ inline size_t ll_stage_stride(int H) { return msg_stride(H) + kMaxTopK * kHeader; }
 
 #ifdef JAX_EP_WITH_NVSHMEM
-// Bytes after the header: FP8 data then its scales, or BF16 data.
-__device__ __forceinline__ size_t payload_bytes(const LowLatencyShape& s) {
-  return s.fp8 ? static_cast<size_t>(s.H) + (s.H / 128) * sizeof(float) : 2 * static_cast<size_t>(s.H);
-}
-
 // Every put this block issued is complete (delivered at the target) before the
 // block counts itself done.
 __device__ __forceinline__ void quiet_block() {
@@ -89,9 +101,12 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(LLDispatchSe
   const uint32_t epoch = current_epoch(c);
   const int lane = lane_id(), units = s.H / kUnit;
   const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(a.x);
-  for (int t = blockIdx.x * kWarps + warp_id(); t < s.T; t += gridDim.x * kWarps) {
-    // Where each row of this token goes: a message slot on its expert's rank.
-    // With NVSHMEM the header waits in staging and every payload is written once.
+  const int chunks = (units + kChunk - 1) / kChunk;
+  const RowSplit split(s.T, chunks);
+  for (int t = split.first; t < s.T; t += split.slots) {
+    // Where each row of this token goes: a message slot on its expert's rank
+    // (piece 0 writes the headers). With NVSHMEM the header waits in staging and
+    // every payload is written once.
     char* stage = kShmem ? c.peers.base[c.rank] + c.off.ll_send + t * ll_stage_stride(s.H) : nullptr;
     char* dst[kMaxTopK];
 #pragma unroll
@@ -100,7 +115,7 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(LLDispatchSe
       const int e = k < s.K ? a.row_idx[t * s.K + k] : -1;
       if (e >= 0) {
         d = ll_slot(c, s, kShmem ? c.rank : e / s.El, e % s.El, c.rank, a.slot_rank[t * s.K + k], epoch);
-        if (lane == 0) {
+        if (lane == 0 && split.part == 0) {
           const int sp = a.slot_pos[t * s.K + k];
           *reinterpret_cast<int4*>(kShmem ? stage + k * kHeader : d) = make_int4(t, sp % s.Kl, 0, 0);
         }
@@ -111,7 +126,7 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(LLDispatchSe
     const char* row = reinterpret_cast<const char*>(x + static_cast<size_t>(t) * s.H);
     // kU units per lane are loaded before any is sent; the loop is warp-uniform
     // (the FP8 scale is shared by the 16 lanes of a block through shuffles).
-    for (int base = 0; base < units; base += 32 * kU) {
+    for (int base = split.part * kChunk; base < units; base += split.parts * kChunk) {
       RawUnit<16> raw[kU];
 #pragma unroll
       for (int j = 0; j < kU; ++j)
@@ -150,14 +165,24 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(LLDispatchSe
       }
     }
 #ifdef JAX_EP_WITH_NVSHMEM
-    if constexpr (kShmem) {  // the warp puts the payload, then the header, to each owner
+    if constexpr (kShmem) {  // the warp puts its pieces of the payload (and piece 0 the header)
       __syncwarp();
+      const size_t unit_bytes = s.fp8 ? 8 : 16;
 #pragma unroll
       for (int k = 0; k < kMaxTopK; ++k) {
         if (dst[k] == nullptr) continue;
         const int pe = a.row_idx[t * s.K + k] / s.El;
-        nvshmemx_putmem_nbi_warp(dst[k] + kHeader, payload, payload_bytes(s), pe);
-        nvshmemx_putmem_nbi_warp(dst[k], stage + k * kHeader, kHeader, pe);
+        for (int c = split.part; c < chunks; c += split.parts) {
+          const int u0 = c * kChunk, n = min(kChunk, units - u0);
+          nvshmemx_putmem_nbi_warp(dst[k] + kHeader + u0 * unit_bytes, payload + u0 * unit_bytes,
+                                   n * unit_bytes, pe);
+          if (s.fp8) {  // this piece's scales (kChunk is a whole number of 128-channel blocks)
+            const size_t off = s.H + (u0 / kUnitsPerBlock) * sizeof(float);
+            nvshmemx_putmem_nbi_warp(dst[k] + kHeader + off, payload + off,
+                                     ((n + kUnitsPerBlock - 1) / kUnitsPerBlock) * sizeof(float), pe);
+          }
+        }
+        if (split.part == 0) nvshmemx_putmem_nbi_warp(dst[k], stage + k * kHeader, kHeader, pe);
       }
     }
 #endif
@@ -296,7 +321,10 @@ __global__ void __launch_bounds__(kThreads) ll_combine_recv_kernel(LLCombineRecv
   const uint32_t epoch = current_epoch(c);
   const int lane = lane_id(), units = s.H / kUnit;
   wait_all(c, kPhaseLowLatencyCombineWait, epoch);
-  for (int t = blockIdx.x * kWarps + warp_id(); t < s.T; t += gridDim.x * kWarps) {
+  const RowSplit split(s.T, kMaxParts);
+  const int per = ((units + split.parts - 1) / split.parts + 31) / 32 * 32;  // units of a piece
+  const int u_lo = split.part * per, u_hi = min(units, u_lo + per);
+  for (int t = split.first; t < s.T; t += split.slots) {
     const int sp_l = lane < s.K ? a.slot_pos[t * s.K + lane] : -1;
     const float w_l = lane < s.K ? a.weights[t * s.K + lane] : 0.f;
     int sp[kMaxTopK];
@@ -307,7 +335,7 @@ __global__ void __launch_bounds__(kThreads) ll_combine_recv_kernel(LLCombineRecv
       w[k] = __shfl_sync(0xffffffffu, w_l, k);
     }
     __nv_bfloat16* y = static_cast<__nv_bfloat16*>(a.y) + static_cast<size_t>(t) * s.H;
-    for (int u = lane; u < units; u += 32) {
+    for (int u = u_lo + lane; u < u_hi; u += 32) {
       float acc[kUnit];
 #pragma unroll
       for (int j = 0; j < kUnit; ++j) acc[j] = -0.f;  // the additive identity
