@@ -315,7 +315,7 @@ class Job:
 
     @property
     def xla_runs(self) -> Tuple[bool, str]:
-        if self.nproc > 1 and self.platform == "gpu":
+        if self.procs_per_gpu > 1 and self.platform == "gpu":
             return False, "n/a: XLA collectives cannot run with several processes on one GPU"
         return True, ""
 
@@ -751,14 +751,14 @@ ROW_FIELDS = (
     "routing", "backend", "ranks", "procs", "sms", "us", "us_p10", "us_p90", "us_wall", "us_wall_p10",
     "us_wall_p90", "timer", "samples", "gbps", "roofline_us", "staging_us", "x_roofline", "x_staging",
     "vs_xla", "vs_sort", "deepep_us", "deepep_gbps", "vs_deepep", "check", "note",
-    "x_copy", "copy_us", "bytes_per_rank",
+    "x_copy", "copy_us", "bytes_per_rank", "link_us", "x_link",
 )
 
 COLUMNS = [
     ("workload", "workload"), ("backend", "backend"), ("EP", "ranks"), ("procs", "procs"),
     ("SMs", "sms"), ("µs med [p10-p90]", "_us"), ("µs wall", "_wall"), ("GB/s", "_gbps"),
-    ("x roof", "_roof"), ("x stage", "_stage"), ("vs xla", "_xla"), ("vs sort", "_sort"),
-    ("DeepEP µs / GB/s", "_deepep"), ("check", "check"),
+    ("x roof", "_roof"), ("x stage", "_stage"), ("x link", "_link"), ("vs xla", "_xla"),
+    ("vs sort", "_sort"), ("DeepEP µs / GB/s", "_deepep"), ("check", "check"),
 ]
 LL_COLUMNS = [
     ("workload", "workload"), ("backend", "backend"), ("EP", "ranks"), ("procs", "procs"),
@@ -782,7 +782,7 @@ def _cells(row: dict) -> dict:
     if row.get("us") is None:
         note = row.get("note") or "n/a"
         c["_us"] = note if len(note) <= 60 else note[:57] + "..."
-        for k in ("_wall", "_gbps", "_roof", "_stage", "_xla", "_sort", "_copy"):
+        for k in ("_wall", "_gbps", "_roof", "_stage", "_link", "_xla", "_sort", "_copy"):
             c[k] = ""
     else:
         c["_us"] = f"{_f(row['us'])} [{_f(row['us_p10'])}-{_f(row['us_p90'])}]"
@@ -790,6 +790,7 @@ def _cells(row: dict) -> dict:
         c["_gbps"] = _f(row.get("gbps"), "{:.1f}")
         c["_roof"] = _ratio(row.get("x_roofline"))
         c["_stage"] = _ratio(row.get("x_staging"))
+        c["_link"] = _ratio(row.get("x_link"))
         c["_xla"] = _ratio(row.get("vs_xla"))
         c["_sort"] = _ratio(row.get("vs_sort"))
         c["_copy"] = _ratio(row.get("x_copy"))
@@ -804,6 +805,10 @@ def _cells(row: dict) -> dict:
 
 def render_table(rows: List[dict], columns, title: str) -> str:
     cells = [_cells(r) for r in rows]
+    # a ratio no row has (the link on one GPU) takes no column
+    columns = [(h, k) for h, k in columns
+               if not k.startswith("_") or any(c.get(k, "") not in ("", "—") for c in cells)
+               or k in ("_us",)]
     try:
         import io
 
@@ -1223,7 +1228,7 @@ def _normal_layout(run: Run, job: Job, args, T, layout, C, dtypes, routing: Rout
         if multi_gpu:
             t_link = link_seconds(routing.pair_tok, H, wire_bytes(dtype), args.link_gbps * 1e9)
             t_roof, t_stage = max(t_roof, t_link), max(t_stage, t_link)
-        lim[(direction, dtype)] = (t_roof, t_stage)
+        lim[(direction, dtype)] = (t_roof, t_stage, t_link)
         run.limits.append(dict(tokens=T, layout=layout, direction=direction, dtype=dtype,
                                link_us=None if t_link is None else t_link * 1e6,
                                roofline_bytes=busiest_gpu_bytes(roof_b, job.gpu_of_rank),
@@ -1235,12 +1240,13 @@ def _normal_layout(run: Run, job: Job, args, T, layout, C, dtypes, routing: Rout
                                max_rows=C))
 
     def base_row(direction, dtype, backend, sms=None):
-        t_roof, t_stage = lim[(direction, dtype)]
+        t_roof, t_stage, t_link = lim[(direction, dtype)]
         d = _deepep(job, direction, dtype, sms, shape) if backend == "cuda" else None
         return dict(mode="normal", workload=f"{direction} {dtype} {layout} T={T}", direction=direction,
                     dtype=dtype, layout=layout, routing=args.routing, backend=backend, ranks=R,
                     procs=job.nproc, sms=sms, max_rows=C, roofline_us=t_roof * 1e6,
-                    staging_us=t_stage * 1e6, rows_tok_mean=float(routing.rows_tok.mean()),
+                    staging_us=t_stage * 1e6, link_us=None if t_link is None else t_link * 1e6,
+                    rows_tok_mean=float(routing.rows_tok.mean()),
                     deepep_us=d[0] if d else None, deepep_gbps=d[1] if d else None, **shape)
 
     def finish_row(row):
@@ -1249,6 +1255,8 @@ def _normal_layout(run: Run, job: Job, args, T, layout, C, dtypes, routing: Rout
             row["gbps"] = logical_gbps(routing.rows_tok.mean(), H, s, row["dtype"])
             row["x_roofline"] = row["roofline_us"] / row["us"]
             row["x_staging"] = row["staging_us"] / row["us"]
+            if row.get("link_us"):
+                row["x_link"] = row["link_us"] / row["us"]
             if row.get("deepep_gbps"):
                 # GB/s normalizes for the routing (DeepEP's test routes uniformly at random).
                 row["vs_deepep"] = row["gbps"] / row["deepep_gbps"]
