@@ -1,9 +1,12 @@
 """Run one per-rank function on the GPU ranks and on the CPU oracle, side by side.
 
 Every process builds the same global inputs from a seed. The GPU side runs
-`jit(shard_map(body))` over all GPU devices of the job (one per process) with
-`backend="cuda"`; the oracle runs the same body with `backend="xla"` on the
-process's first R CPU devices and keeps this rank's slice.
+`jit(shard_map(body))` over all GPU devices of the job with `backend="cuda"`; the
+oracle runs the same body with `backend="xla"` on the process's first R CPU
+devices and keeps this process's slices. Both process layouts run: one GPU per
+process (the results are that rank's), or one process driving several GPUs (the
+results carry a leading axis over its ranks, and tests that need one GPU per
+process skip).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Callable, Dict, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jax_ep
@@ -38,10 +42,22 @@ def num_ranks() -> int:
     return gpu_mesh().size
 
 
+def local_ranks() -> list:
+    """The mesh indices of this process's GPUs (contiguous: the mesh is in process order)."""
+    return [i for i, d in enumerate(gpu_mesh().devices.flat) if d.process_index == jax.process_index()]
+
+
 def my_rank() -> int:
-    mine = [i for i, d in enumerate(gpu_mesh().devices.flat) if d.process_index == jax.process_index()]
-    assert len(mine) == 1, "GPU tests expect one GPU device per process"
+    """This process's rank; a test asking for it skips where a process drives several GPUs."""
+    mine = local_ranks()
+    if len(mine) != 1:
+        pytest.skip(f"needs one GPU per process (this one drives {len(mine)})")
     return mine[0]
+
+
+def _mine(stacked: np.ndarray) -> np.ndarray:
+    """This process's ranks of a [R or L, ...] array: one rank unstacked, several stacked."""
+    return stacked[0] if stacked.shape[0] == 1 else stacked
 
 
 _BUFFER = []
@@ -72,26 +88,33 @@ def _runner(mesh: Mesh, key, body: Callable, nargs: int):
 
 
 def run_gpu(key, body: Callable, *global_args):
-    """This rank's outputs of body(*per-rank args) on the GPU ranks (leading axis dropped)."""
+    """This process's outputs of body(*per-rank args) on the GPU ranks: one rank's with the
+    leading axis dropped, or several ranks' stacked."""
     mesh = gpu_mesh()
-    r, n = my_rank(), mesh.size
+    mine, n = local_ranks(), mesh.size
     args = []
     for g in global_args:
         g = np.asarray(g)
-        local = g.reshape(n, -1, *g.shape[1:])[r]
+        local = g.reshape(n, -1, *g.shape[1:])[mine].reshape(-1, *g.shape[1:])
         args.append(jax.make_array_from_process_local_data(NamedSharding(mesh, P(AXIS)), local,
                                                            g.shape))
     out = _runner(mesh, key, body, len(args))(*args)
-    return jax.tree.map(lambda a: np.asarray(a.addressable_data(0))[0], out)
+
+    def local_rows(a):
+        shards = sorted(a.addressable_shards, key=lambda s: s.index[0].start or 0)
+        return _mine(np.concatenate([np.asarray(s.data) for s in shards]))
+
+    return jax.tree.map(local_rows, out)
 
 
 def run_oracle(key, body: Callable, *global_args):
-    """This rank's outputs of the same body on the xla backend over CPU devices."""
+    """This process's outputs of the same body on the xla backend over CPU devices."""
     n = num_ranks()
     mesh = cpu_mesh(n)
     args = [jax.device_put(np.asarray(g), NamedSharding(mesh, P(AXIS))) for g in global_args]
     out = _runner(mesh, key, body, len(args))(*args)
-    return jax.tree.map(lambda a: np.asarray(a)[my_rank()], out)
+    mine = local_ranks()
+    return jax.tree.map(lambda a: _mine(np.asarray(a)[mine[0]:mine[-1] + 1]), out)
 
 
 def bits(a: np.ndarray) -> np.ndarray:
@@ -110,7 +133,7 @@ def assert_same(got, want, what: str = "") -> None:
         assert g.shape == w.shape and g.dtype == w.dtype, f"{what}[{i}]: {g.shape} {g.dtype} vs {w.shape} {w.dtype}"
         bad = np.nonzero(bits(g).reshape(-1) != bits(w).reshape(-1))[0]
         assert bad.size == 0, (
-            f"{what}[{i}] rank {my_rank()}: {bad.size} of {g.size} elements differ, first at flat "
+            f"{what}[{i}] ranks {local_ranks()}: {bad.size} of {g.size} elements differ, first at flat "
             f"{bad[:5]}: got {g.reshape(-1)[bad[:5]]} want {w.reshape(-1)[bad[:5]]}"
         )
 

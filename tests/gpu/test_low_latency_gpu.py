@@ -135,6 +135,7 @@ def test_overlap_hides_a_late_peer():
     n = num_ranks()
     if n < 2:
         pytest.skip("needs two or more ranks")
+    my_rank()  # one GPU per process (skips otherwise): the late peer is a process
     buffer()
     rng = np.random.default_rng(11)
     x = rng.standard_normal((n * M, H)).astype(jnp.bfloat16)
@@ -177,9 +178,15 @@ def test_overlap_hides_a_late_peer():
             times.append(time.perf_counter() - t0)
         return float(np.median(times))
 
-    work = 64  # matmuls of 1024 x 1024: some ms on a share of an H100
     base = timed("fused", 0, 0.0)
-    alone = timed("fused", work, 0.0)  # rank 0's compute C, nobody late
+    # matmuls of 1024 x 1024, enough for a few times the call's own time: some ms on
+    # a share of a GPU, more on a GPU of its own (rank 0 decides for every rank)
+    for work in (64, 256, 1024, 4096):
+        alone = timed("fused", work, 0.0)  # rank 0's compute C, nobody late
+        if my_rank() == 0:
+            kv.set(f"enough/{work}", "1" if alone > 3 * base or work == 4096 else "0")
+        if kv.get(f"enough/{work}") == b"1":
+            break
     if my_rank() == 0:  # one delay for every rank (the barriers are named by it)
         kv.set("delay", str(round(max(alone - base, 0.005), 4)))
     delay = float(kv.get("delay"))
