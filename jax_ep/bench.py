@@ -1698,9 +1698,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-_MD_NORMAL = ("| workload | backend | EP | SMs | µs median [p10-p90] | GB/s per rank | x roofline | "
-              "x staging | vs xla | vs sort | DeepEP µs / GB/s (ratio) | check |\n"
-              "|---|---|---|---|---|---|---|---|---|---|---|---|")
+_MD_NORMAL = ("| workload | backend | EP | procs | SMs | µs median [p10-p90] | GB/s per rank | x roofline | "
+              "x staging | x link | vs xla | vs sort | DeepEP µs / GB/s (ratio) | check |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 _MD_LOW_LATENCY = ("| workload | backend | EP | procs | µs median [p10-p90] | GB/s per rank | x copy | "
                    "x roofline | x staging | vs xla | check |\n|---|---|---|---|---|---|---|---|---|---|---|")
 
@@ -1716,9 +1716,9 @@ def _md_row(r: dict) -> str:
     dee = ("" if r.get("deepep_us") is None else
            f'{r["deepep_us"]:,.0f} / {r["deepep_gbps"]:.0f} ({r["vs_deepep"]:.2f}x)')
     return (f'| {r["direction"]} {r["dtype"]} {r["layout"]} T={r["tokens"]} | {r["backend"]} | '
-            f'{r["ranks"]} | {r.get("sms") or ""} | {us} | {r["gbps"]:.1f} | '
+            f'{r["ranks"]} | {r.get("procs", "")} | {r.get("sms") or ""} | {us} | {r["gbps"]:.1f} | '
             f'{fmt(r.get("x_roofline"), "{:.2f}")} | {fmt(r.get("x_staging"), "{:.2f}")} | '
-            f'{fmt(r.get("vs_xla"), "{:.2f}")} | {fmt(r.get("vs_sort"), "{:.2f}")} | {dee} | '
+            f'{fmt(r.get("x_link"), "{:.2f}")} | {fmt(r.get("vs_xla"), "{:.2f}")} | {fmt(r.get("vs_sort"), "{:.2f}")} | {dee} | '
             f'{r.get("check", "")} |')
 
 
