@@ -11,9 +11,9 @@ from harness import assert_same, buffer, num_ranks, routing, run_gpu, run_oracle
 H, E, K, M = 256, 32, 6, 64
 
 
-def _body(backend, fp8, round_scale, overlap, buffer=None):
+def _body(backend, fp8, round_scale, overlap, buffer=None, m=M):
     def body(x, idx, w):
-        kw = dict(num_experts=E, axis_name="ep", max_tokens_per_rank=M, fp8=fp8,
+        kw = dict(num_experts=E, axis_name="ep", max_tokens_per_rank=m, fp8=fp8,
                   round_scale=round_scale, backend=backend, buffer=buffer)
         if overlap:  # the split calls with work pinned between them
             r, _ = jax_ep.overlap(lambda: jax_ep.low_latency_dispatch_send(x, idx, **kw),
@@ -87,6 +87,40 @@ def test_low_latency_nvshmem_matches_xla(case):
     got = run_gpu(key + ("cuda",), _body("cuda", fp8, round_scale, overlap, buffer=nv), x, idx, w)
     want = run_oracle(key + ("xla",), _body("xla", fp8, round_scale, overlap), x, idx, w)
     assert_same(got, want, "nvshmem " + str(case))
+
+
+# Rows wide enough that the kernels split one token's row over several warps (the
+# dispatch send in pieces of 128 16-byte units, the last one partial here; the
+# combine receive in up to 16 pieces), with few tokens so warps are to spare.
+WIDE_H, WIDE_M = 2304, 8
+_WIDE = {}
+
+
+def _wide_buffer(transport: str) -> jax_ep.Buffer:
+    from harness import AXIS, gpu_mesh
+
+    if transport == "nvshmem":
+        _nvshmem_buffer()  # skips without NVSHMEM; starts it otherwise
+    if transport not in _WIDE:
+        _WIDE[transport] = jax_ep.Buffer(gpu_mesh(), AXIS, hidden=WIDE_H, max_tokens_per_rank=WIDE_M,
+                                         num_experts=E, top_k=K, dtype=jnp.bfloat16, low_latency=True,
+                                         name=f"wide-{transport}", transport=transport)
+    return _WIDE[transport]
+
+
+@pytest.mark.parametrize("transport", ["peer", "nvshmem"])
+@pytest.mark.parametrize("fp8,t", [(True, 1), (True, 5), (False, 3)])
+def test_low_latency_wide_rows_match_xla(transport, fp8, t):
+    n = num_ranks()
+    buf = _wide_buffer(transport)
+    rng = np.random.default_rng(300 + t)
+    x = rng.standard_normal((n * t, WIDE_H)).astype(jnp.bfloat16)
+    idx = routing("random", n, t, K, E, seed=60 + t)
+    w = rng.random((n * t, K)).astype(np.float32)
+    key = ("llwide", transport, fp8, t)
+    got = run_gpu(key + ("cuda",), _body("cuda", fp8, False, False, buffer=buf, m=WIDE_M), x, idx, w)
+    want = run_oracle(key + ("xla",), _body("xla", fp8, False, False, m=WIDE_M), x, idx, w)
+    assert_same(got, want, f"wide rows {transport} fp8={fp8} t={t}")
 
 
 def test_low_latency_nvshmem_replays():
