@@ -172,8 +172,12 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(LLDispatchSe
       for (int k = 0; k < kMaxTopK; ++k) {
         if (dst[k] == nullptr) continue;
         const int pe = a.row_idx[t * s.K + k] / s.El;
-        for (int c = split.part; c < chunks; c += split.parts) {
-          const int u0 = c * kChunk, n = min(kChunk, units - u0);
+        if (split.parts == 1) {  // the whole payload (data, then the FP8 scales) in one put
+          const size_t bytes = units * unit_bytes + (s.fp8 ? (s.H / 128) * sizeof(float) : 0);
+          nvshmemx_putmem_nbi_warp(dst[k] + kHeader, payload, bytes, pe);
+        }
+        for (int ch = split.part; split.parts > 1 && ch < chunks; ch += split.parts) {
+          const int u0 = ch * kChunk, n = min(kChunk, units - u0);
           nvshmemx_putmem_nbi_warp(dst[k] + kHeader + u0 * unit_bytes, payload + u0 * unit_bytes,
                                    n * unit_bytes, pe);
           if (s.fp8) {  // this piece's scales (kChunk is a whole number of 128-channel blocks)
