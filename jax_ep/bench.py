@@ -807,8 +807,7 @@ def render_table(rows: List[dict], columns, title: str) -> str:
     cells = [_cells(r) for r in rows]
     # a ratio no row has (the link on one GPU) takes no column
     columns = [(h, k) for h, k in columns
-               if not k.startswith("_") or any(c.get(k, "") not in ("", "—") for c in cells)
-               or k in ("_us",)]
+               if not k.startswith("_") or any(c.get(k, "") not in ("", "—") for c in cells)]
     try:
         import io
 
@@ -1718,7 +1717,8 @@ def _md_row(r: dict) -> str:
     return (f'| {r["direction"]} {r["dtype"]} {r["layout"]} T={r["tokens"]} | {r["backend"]} | '
             f'{r["ranks"]} | {r.get("procs", "")} | {r.get("sms") or ""} | {us} | {r["gbps"]:.1f} | '
             f'{fmt(r.get("x_roofline"), "{:.2f}")} | {fmt(r.get("x_staging"), "{:.2f}")} | '
-            f'{fmt(r.get("x_link"), "{:.2f}")} | {fmt(r.get("vs_xla"), "{:.2f}")} | {fmt(r.get("vs_sort"), "{:.2f}")} | {dee} | '
+            f'{fmt(r.get("x_link"), "{:.2f}")} | {fmt(r.get("vs_xla"), "{:.2f}")} | '
+            f'{fmt(r.get("vs_sort"), "{:.2f}")} | {dee} | '
             f'{r.get("check", "")} |')
 
 

@@ -175,15 +175,16 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(LLDispatchSe
         if (split.parts == 1) {  // the whole payload (data, then the FP8 scales) in one put
           const size_t bytes = units * unit_bytes + (s.fp8 ? (s.H / 128) * sizeof(float) : 0);
           nvshmemx_putmem_nbi_warp(dst[k] + kHeader, payload, bytes, pe);
-        }
-        for (int ch = split.part; split.parts > 1 && ch < chunks; ch += split.parts) {
-          const int u0 = ch * kChunk, n = min(kChunk, units - u0);
-          nvshmemx_putmem_nbi_warp(dst[k] + kHeader + u0 * unit_bytes, payload + u0 * unit_bytes,
-                                   n * unit_bytes, pe);
-          if (s.fp8) {  // this piece's scales (kChunk is a whole number of 128-channel blocks)
-            const size_t off = s.H + (u0 / kUnitsPerBlock) * sizeof(float);
-            nvshmemx_putmem_nbi_warp(dst[k] + kHeader + off, payload + off,
-                                     ((n + kUnitsPerBlock - 1) / kUnitsPerBlock) * sizeof(float), pe);
+        } else {
+          for (int ch = split.part; ch < chunks; ch += split.parts) {
+            const int u0 = ch * kChunk, n = min(kChunk, units - u0);
+            nvshmemx_putmem_nbi_warp(dst[k] + kHeader + u0 * unit_bytes, payload + u0 * unit_bytes,
+                                     n * unit_bytes, pe);
+            if (s.fp8) {  // this piece's scales (kChunk is a whole number of 128-channel blocks)
+              const size_t off = s.H + (u0 / kUnitsPerBlock) * sizeof(float);
+              nvshmemx_putmem_nbi_warp(dst[k] + kHeader + off, payload + off,
+                                       ((n + kUnitsPerBlock - 1) / kUnitsPerBlock) * sizeof(float), pe);
+            }
           }
         }
         if (split.part == 0) nvshmemx_putmem_nbi_warp(dst[k], stage + k * kHeader, kHeader, pe);

@@ -10,7 +10,6 @@ several GPUs: the tool sees every rank's writes, which it cannot across processe
 
 import argparse
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
