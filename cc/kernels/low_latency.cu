@@ -244,6 +244,7 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_recv_kernel(LLDispatchRe
     // A corrupt count never reaches past its source's M slots.
     const int n0 = lane < R ? min(static_cast<int>(wait_count(c, el, lane, epoch)), s.M) : 0;
     const int n1 = lane + 32 < R ? min(static_cast<int>(wait_count(c, el, lane + 32, epoch)), s.M) : 0;
+    __syncwarp();  // every lane's acquire orders the messages before any lane reads them
     int end0 = n0, end1 = n1;  // inclusive prefix sums over sources
 #pragma unroll
     for (int off = 1; off < 32; off <<= 1) {
