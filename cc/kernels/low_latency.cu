@@ -18,7 +18,7 @@ constexpr int kU = 4;        // 16-byte units a lane loads before it stores any
 constexpr int kChunk = 32 * kU;  // units a warp moves per step of the send loop
 constexpr int kMaxParts = 16;    // most warps sharing one token's row in the combine recv
 
-// Few tokens leave most warps idle, and one warp walking a whole row is a chain
+// Few tokens (or experts) leave most warps idle, and one warp walking a whole row is a chain
 // of dependent memory round trips: a token's row is split into `parts` pieces,
 // one warp each, when there are warps to spare. Warp gw takes piece gw % parts of
 // tokens gw / parts, gw / parts + slots, ...; warps past slots * parts take none.
@@ -229,39 +229,49 @@ __device__ __forceinline__ uint32_t wait_count(const CallCtx& c, int el, int src
   return low & ((1u << kCountBits) - 1);
 }
 
+// One warp per piece of an expert's rows (RowSplit over the local experts): no
+// block-wide barrier, so a few rows per expert still keep every warp busy. Each
+// warp reads the expert's R count words itself (lane l: sources l and l + 32) and
+// finds a row's source by a ballot over the inclusive prefix sums.
 __global__ void __launch_bounds__(kThreads) ll_dispatch_recv_kernel(LLDispatchRecvArgs a) {
+  static_assert(kMaxRanks <= 64, "two sources per lane");
   const CallCtx& c = a.c;
   const LowLatencyShape& s = a.s;
   const uint32_t epoch = current_epoch(c);
   const int R = c.nranks, lane = lane_id(), rows = R * s.M;
   const size_t row_bytes = s.fp8 ? static_cast<size_t>(s.H) : 2 * static_cast<size_t>(s.H);
-  __shared__ int first[kMaxRanks + 1];  // first packed row of each source
-  for (int el = blockIdx.x; el < s.El; el += gridDim.x) {
-    if (threadIdx.x < R) first[threadIdx.x + 1] = static_cast<int>(wait_count(c, el, threadIdx.x, epoch));
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      first[0] = 0;
-      for (int r = 0; r < R; ++r) first[r + 1] += first[r];
-      a.count[el] = first[R];
+  const RowSplit split(s.El, kMaxParts);
+  for (int el = split.first; el < s.El; el += split.slots) {
+    // A corrupt count never reaches past its source's M slots.
+    const int n0 = lane < R ? min(static_cast<int>(wait_count(c, el, lane, epoch)), s.M) : 0;
+    const int n1 = lane + 32 < R ? min(static_cast<int>(wait_count(c, el, lane + 32, epoch)), s.M) : 0;
+    __syncwarp();  // every lane's acquire orders the messages before any lane reads them
+    int end0 = n0, end1 = n1;  // inclusive prefix sums over sources
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const int u0 = __shfl_up_sync(0xffffffffu, end0, off), u1 = __shfl_up_sync(0xffffffffu, end1, off);
+      if (lane >= off) end0 += u0, end1 += u1;
     }
-    __syncthreads();
-    const int total = min(first[R], rows);  // a corrupt count never writes past the expert
+    end1 += __shfl_sync(0xffffffffu, end0, 31);
+    const int total = __shfl_sync(0xffffffffu, end1, 31);
+    if (split.part == 0 && lane == 0) a.count[el] = total;
     char* out = static_cast<char*>(a.out_x) + static_cast<size_t>(el) * rows * row_bytes;
     float* scales = s.fp8 ? a.out_scales + static_cast<size_t>(el) * rows * (s.H / 128) : nullptr;
-    for (int p = warp_id(); p < total; p += kWarps) {  // the rest was zeroed before the launch
-      int4* dst = reinterpret_cast<int4*>(out + p * row_bytes);
-      int src = 0;
-      while (first[src + 1] <= p) ++src;
-      const char* msg = ll_slot(c, s, c.rank, el, src, p - first[src], epoch);
+    for (int p = split.part; p < total; p += split.parts) {  // the rest was zeroed before the launch
+      // the source holding packed row p: the number of sources that end at or before p
+      const int src = __popc(__ballot_sync(0xffffffffu, lane < R && end0 <= p)) +
+                      __popc(__ballot_sync(0xffffffffu, lane + 32 < R && end1 <= p));
+      const int s0 = __shfl_sync(0xffffffffu, end0 - n0, src & 31);
+      const int s1 = __shfl_sync(0xffffffffu, end1 - n1, src & 31);
+      const char* msg = ll_slot(c, s, c.rank, el, src, p - (src < 32 ? s0 : s1), epoch);
       const int4 head = __ldcg(reinterpret_cast<const int4*>(msg));
-      copy_units<true>(reinterpret_cast<char*>(dst), msg + kHeader, static_cast<int>(row_bytes / 16));
+      copy_units<true>(out + p * row_bytes, msg + kHeader, static_cast<int>(row_bytes / 16));
       if (scales != nullptr) {
         const float* sc = reinterpret_cast<const float*>(msg + kHeader + s.H);
         for (int j = lane; j < s.H / 128; j += 32) scales[static_cast<size_t>(p) * (s.H / 128) + j] = __ldcg(sc + j);
       }
       if (lane == 0) a.src_rows[(static_cast<size_t>(src) * s.M + head.x) * s.Kl + head.y] = el * rows + p;
     }
-    __syncthreads();
   }
   close_call(c, c.control + kCtlDoneRecv, epoch, a.epoch_out);
 }
@@ -395,7 +405,7 @@ cudaError_t launch_ll_dispatch_recv(const LLDispatchRecvArgs& a, cudaStream_t st
   if (e == cudaSuccess && a.out_scales != nullptr)
     e = cudaMemsetAsync(a.out_scales, 0, rows * (a.s.H / 128) * sizeof(float), stream);
   if (e != cudaSuccess) return e;
-  return launch(ll_dispatch_recv_kernel, a.num_sms < a.s.El ? a.num_sms : a.s.El, stream, a);
+  return launch(ll_dispatch_recv_kernel, a.num_sms, stream, a);
 }
 
 cudaError_t launch_ll_combine_send(const LLCombineSendArgs& a, cudaStream_t stream) {
