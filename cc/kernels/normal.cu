@@ -211,37 +211,47 @@ __device__ __forceinline__ void copy_row(const char* src, const float* src_scale
   if constexpr (kOut == kOutSame) {
     copy_raw_to_rows<UB>(src, out, dst, units);
   } else {
-    constexpr int kQ = 2 * kUnroll;  // FP8 units are 8 bytes: twice as many per lane
-    for (int u0 = lane; u0 < units; u0 += 32 * kQ) {
-      uint2 q[kQ];
-      float scale[kQ];
+    // FP8 rows move 16 bytes (two units) per lane step. The row's H/128 scales are
+    // read once per warp (lane l holds blocks l and l + 32; wider rows read the rest
+    // directly) and handed to the lanes by shuffles, so the loop is warp-uniform.
+    const int n16 = H / 16, nb = H / 128;
+    const float sc_lo = lane < nb ? __ldcg(src_scales + lane) : 0.f;
+    const float sc_hi = lane + 32 < nb ? __ldcg(src_scales + lane + 32) : 0.f;
+    for (int q0 = 0; q0 < n16; q0 += 32 * kUnroll) {
+      int4 v[kUnroll];
+      float scale[kUnroll];
 #pragma unroll
-      for (int j = 0; j < kQ; ++j) {
-        const int u = u0 + 32 * j;
-        if (u < units) {
-          q[j] = __ldcg(reinterpret_cast<const uint2*>(src) + u);
-          scale[j] = src_scales[u / kUnitsPerBlock];
-        }
+      for (int j = 0; j < kUnroll; ++j) {
+        const int q = q0 + 32 * j + lane;
+        if (q < n16) v[j] = __ldcg(reinterpret_cast<const int4*>(src) + q);
+        const int b = min(q, n16 - 1) / 8;  // the 128-channel block of piece q
+        const float lo = __shfl_sync(0xffffffffu, sc_lo, b & 31);
+        const float hi = __shfl_sync(0xffffffffu, sc_hi, b & 31);
+        scale[j] = b < 32 ? lo : b < 64 ? hi : __ldcg(src_scales + b);
       }
 #pragma unroll
-      for (int j = 0; j < kQ; ++j) {
-        const int u = u0 + 32 * j;
-        if (u >= units) continue;
+      for (int j = 0; j < kUnroll; ++j) {
+        const int q = q0 + 32 * j + lane;
+        if (q >= n16) continue;
         if constexpr (kOut == kOutFp8) {
 #pragma unroll
           for (int i = 0; i < kMaxTopK; ++i) {
             if (dst[i] < 0) continue;
-            reinterpret_cast<uint2*>(out + static_cast<size_t>(dst[i]) * H)[u] = q[j];
-            if (u % kUnitsPerBlock == 0)
-              a.out_scales[static_cast<size_t>(dst[i]) * (H / 128) + u / kUnitsPerBlock] = scale[j];
+            reinterpret_cast<int4*>(out + static_cast<size_t>(dst[i]) * H)[q] = v[j];
+            if (q % 8 == 0) a.out_scales[static_cast<size_t>(dst[i]) * nb + q / 8] = scale[j];
           }
         } else {
-          float v[kUnit];
-          dequantize_unit(q[j], scale[j], v);
+          const uint2* halves = reinterpret_cast<const uint2*>(&v[j]);
+          float f0[kUnit], f1[kUnit];
+          dequantize_unit(halves[0], scale[j], f0);
+          dequantize_unit(halves[1], scale[j], f1);
 #pragma unroll
-          for (int i = 0; i < kMaxTopK; ++i)
-            if (dst[i] >= 0)
-              store_unit(reinterpret_cast<TOut*>(out) + static_cast<size_t>(dst[i]) * H + u * kUnit, v);
+          for (int i = 0; i < kMaxTopK; ++i) {
+            if (dst[i] < 0) continue;
+            TOut* row = reinterpret_cast<TOut*>(out) + static_cast<size_t>(dst[i]) * H;
+            store_unit(row + (2 * q) * kUnit, f0);
+            store_unit(row + (2 * q + 1) * kUnit, f1);
+          }
         }
       }
     }
