@@ -64,4 +64,16 @@ inline auto bind_on_stream() {
 
 inline int clamp_sms(int64_t n) { return static_cast<int>(std::max<int64_t>(1, n)); }
 
+// The grid of a low-latency kernel: n blocks, or one per SM of `device` when n <= 0
+// (no SM budget set: the process has the GPU to itself).
+inline int ll_grid(int64_t n, int device) {
+  if (n > 0) return static_cast<int>(n);
+  int sms = 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 1;
+  }
+  return std::max(1, sms);
+}
+
 }  // namespace jax_ep

@@ -47,7 +47,7 @@ ffi::Error DispatchSendImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi
                        static_cast<int>(dim(row_idx, 1)), &st, &a.c, &a.s);
       err.failure())
     return err;
-  a.num_sms = clamp_sms(num_sms);
+  a.num_sms = ll_grid(num_sms, device);
   a.x = x.typed_data();
   a.row_idx = row_idx.typed_data();
   a.slot_rank = slot_rank.typed_data();
@@ -74,7 +74,7 @@ ffi::Error DispatchRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi
       err.failure())
     return err;
   a.s.Kl = K;
-  a.num_sms = clamp_sms(num_sms);
+  a.num_sms = ll_grid(num_sms, device);
   a.out_x = out_x->untyped_data();
   a.out_scales = fp8 ? out_scales->typed_data() : nullptr;
   a.count = count->typed_data();
@@ -96,7 +96,7 @@ ffi::Error CombineSendImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi:
       err.failure())
     return err;
   a.s.Kl = K;
-  a.num_sms = clamp_sms(num_sms);
+  a.num_sms = ll_grid(num_sms, device);
   a.expert_out = expert_out.typed_data();
   a.src_rows = src_rows.typed_data();
   a.epoch_out = epoch->typed_data();
@@ -115,7 +115,7 @@ ffi::Error CombineRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi:
                        static_cast<int>(dim(slot_pos, 1)), &st, &a.c, &a.s);
       err.failure())
     return err;
-  a.num_sms = clamp_sms(num_sms);
+  a.num_sms = ll_grid(num_sms, device);
   a.slot_pos = slot_pos.typed_data();
   a.weights = weights.typed_data();
   a.y = y->typed_data();

@@ -68,6 +68,19 @@ def get_num_sms() -> Optional[int]:
     return _DEFAULT_NUM_SMS
 
 
+def low_latency_sms() -> int:
+    """SMs (thread blocks) of a low-latency kernel: `set_num_sms`, else the launcher's
+    share (`JAX_EP_NUM_SMS`), else 0, which the kernels read as every SM of the GPU.
+
+    The low-latency kernels take no `Config` and no tuned entry. Their work is a few
+    rows per warp, bound by memory latency, so without a budget they spread over the
+    whole GPU; processes sharing a GPU must set a budget (the launcher does)."""
+    if _DEFAULT_NUM_SMS is not None:
+        return _DEFAULT_NUM_SMS
+    env = os.environ.get("JAX_EP_NUM_SMS")
+    return int(env) if env else 0
+
+
 # ------------------------------------------------------------- tuned configs
 
 

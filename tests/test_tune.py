@@ -399,3 +399,14 @@ def test_a_job_with_no_matching_workload_says_so(tmp_path):
         tune.main(["--config", str(cfg), "--output", str(tmp_path / "c.json"), "--no-progress"])
     assert "it is for 2 ranks" in str(e.value) and "low-latency kernels take no jax_ep.Config" in str(e.value)
     assert not (tmp_path / "c.json").exists()
+
+
+def test_low_latency_grid_rule(tuned_cache, monkeypatch):
+    """Low-latency kernels: set_num_sms, else the launcher's share, else 0 (every SM);
+    never a tuned entry or the normal-mode default."""
+    assert config_lib.resolve(None, num_ranks=1, hidden=256, dtype="fp8").num_sms == 64  # a tuned entry exists
+    assert config_lib.low_latency_sms() == 0
+    monkeypatch.setenv("JAX_EP_NUM_SMS", "16")
+    assert config_lib.low_latency_sms() == 16
+    monkeypatch.setattr(config_lib, "_DEFAULT_NUM_SMS", 5)
+    assert config_lib.low_latency_sms() == 5

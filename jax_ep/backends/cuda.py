@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import config as config_lib
 from .. import fp8 as fp8_lib
 from ..routing import SenderRouting
 from ..vma import like_inputs
@@ -273,10 +274,8 @@ def redispatch(y, handle: DispatchHandle, num_sms: int = 24):
 
 
 def _ll_attrs(meta):
-    from . import num_sms  # the same SM budget rules as the normal kernels
-
     return dict(buffer_id=_i64(meta.buffer_id), num_experts=_i64(meta.num_experts),
-                max_tokens=_i64(meta.max_tokens_per_rank), num_sms=_i64(num_sms(None)))
+                max_tokens=_i64(meta.max_tokens_per_rank), num_sms=_i64(config_lib.low_latency_sms()))
 
 
 def ll_dispatch_send(x, row_idx, slot_pos, meta):
