@@ -33,7 +33,8 @@ would be mostly padding: 3.8 GB per rank at the DeepSeek-V3 shape).
 
 Timing
 ------
-Two timers run on every measurement; the table's µs column is the first:
+Two timers run on every measurement: wall, and the one `--timer` picks (loop by
+default, or trace) for the table's µs column (`--timer wall`: wall alone):
 
 - loop (device side): one jitted program runs the call `--reps` times in a
   `lax.fori_loop`. Each iteration's result is carried by the loop (and returned, its
@@ -44,15 +45,29 @@ Two timers run on every measurement; the table's µs column is the first:
   default), which evicts the L2. The same program without the call (scratch
   rewrite, carry and barriers only) is timed in alternation with it, and per-call
   time = (loop - median empty loop) / reps. Launch and host overheads are so
-  amortized over the reps, which is what device-side time means here: CUDA events
-  would have to be recorded on XLA's stream, which JAX does not expose, and a
-  profiler trace is heavy and fragile under MPS.
+  amortized over the reps, but not removed: XLA's GPU while loop syncs on its
+  predicate every iteration and the FFI handlers do host work per call, so for
+  calls of tens of µs the GPU idles part of the time. CUDA events would have to be
+  recorded on XLA's stream, which JAX does not expose; a profiler trace is the
+  other device-side measure.
+- trace (device side, `--timer trace`; DeepEP times its kernels in a profiler
+  trace too): `--iters` single calls inside one `jax.profiler.trace`, each after
+  the L2 flush (normal mode) and a barrier across processes, followed by
+  `jax.block_until_ready` and a 2 ms host sleep (the flush sleeps too). The GPU
+  events of the trace (those of every GPU this process drives) split into clusters
+  at idle gaps over 500 µs: one per call, or flush and call in turn, the flushes
+  dropped. A call's time is its cluster's span, from the first kernel's start to
+  the last kernel's end on any of the process's GPUs, so GPU idle time between its
+  kernels counts but none before or after. Another number of clusters than calls
+  is an error, and so is a trace without GPU events: the profiler must see the GPU
+  (CUPTI), which it may not with several processes on one GPU (MPS); on CPU the
+  bench stops at once.
 - wall: one call per sample, wall clock around the dispatch and
   `jax.block_until_ready`, after the L2 flush (normal mode) and a barrier across
-  processes; it includes the host launch overhead (tens of µs).
-  `--timer wall` uses it alone (nothing extra to compile).
+  processes; it includes the host launch overhead (tens of µs). `--timer wall`
+  uses it alone (nothing extra to compile).
 
-`--warmup` calls (>= 20) precede both, then `--iters` (>= 50) samples are taken; each
+`--warmup` calls (>= 20) precede all, then `--iters` (>= 50) samples are taken; each
 loop sample is the mean of `--reps` calls. With several processes the time of an
 iteration is the slowest process's. The table gives the median and [p10-p90].
 
@@ -61,9 +76,10 @@ Limits (BENCHMARKS.md "Limits on one GPU")
 - B: the copy bandwidth, read+write bytes per second, of a `--copy-mb` (512 MB)
   BF16 array on one device while the others wait: the larger of a plain `jnp.copy`
   (an XLA device-to-device copy, wall timer) and an elementwise copy kernel in the
-  loop timer; where several ranks share a GPU, also all of them copying at once
-  (under MPS one process may be held to a share of the SMs). All are printed;
-  `--copy-gbps` replaces B by a given value (an EP1 run's, say).
+  loop or trace timer (the one `--timer` picks; none under wall); where several
+  ranks share a GPU, also all of them copying at once (under MPS one process may be
+  held to a share of the SMs). All are printed; `--copy-gbps` replaces B by a given
+  value (an EP1 run's, say).
 - HBM roofline: dispatch moves `sum_r (T*H*b_in + rows_out(r)*H*b)`, combine the
   reverse, with `b_in` = 2 (BF16 input), `b` = 2 for BF16 and 1 + 4/128 for FP8;
   `rows_out` = rows_exp (experts layout) or rows_tok (tokens layout). The sum runs
@@ -116,6 +132,9 @@ WIRE_BYTES = {"bf16": 2.0, "fp8": 1.0 + 4.0 / FP8_BLOCK}
 DEFAULT_SMS_PER_GPU = 132
 LL_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 KV_TIMEOUT_S = 900.0  # ranks wait for each other at most this long (compiles included)
+TIMERS = ("loop", "trace", "wall")
+TRACE_IDLE_S = 0.002  # trace timer: host sleep after each call (and flush), an idle gap on the GPU
+TRACE_GAP_US = 500.0  # trace timer: a longer idle gap between GPU events separates two calls
 
 # DeepEP V1 intranode on one H100, N processes under MPS, same workload
 # (4096 tokens/rank, hidden 7168, top-8 of 256 experts): (µs, GB/s per rank).
@@ -452,15 +471,63 @@ def local_shards(arr) -> Dict[int, np.ndarray]:
 # -------------------------------------------------------------------- timing
 
 
+def load_trace_events(logdir: str) -> List[dict]:
+    """The events of the perfetto trace that `jax.profiler.trace(logdir,
+    create_perfetto_trace=True)` wrote (gzip JSON: `traceEvents`, or a bare list)."""
+    import glob
+    import gzip
+
+    paths = sorted(glob.glob(f"{logdir}/**/perfetto_trace.json.gz", recursive=True))
+    if not paths:
+        raise RuntimeError(f"the profiler wrote no perfetto_trace.json.gz under {logdir}")
+    with gzip.open(paths[-1], "rt") as fh:
+        data = json.load(fh)
+    return data["traceEvents"] if isinstance(data, dict) else data
+
+
+def trace_spans(events: Sequence[dict], calls: Optional[int] = None, *, gap_us: float = TRACE_GAP_US,
+                every: int = 1) -> List[float]:
+    """Spans in µs of the clusters of GPU work in a profiler trace.
+
+    GPU events are the complete ("X") events of every process whose name has "GPU"
+    in it (one per device: all the devices of the traced process count). Sorted by
+    start, they split into clusters wherever the next event starts more than
+    `gap_us` after the latest end so far. A cluster's span is its last end minus its
+    first start. `every` = 2 keeps every second cluster (flush and call in turn: the
+    calls). With `calls` given, there must be exactly `calls * every` clusters.
+    """
+    names = {e.get("pid"): str(e.get("args", {}).get("name", "")) for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    gpu = sorted(((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0))) for e in events
+                  if e.get("ph") == "X" and "GPU" in names.get(e.get("pid"), "")))
+    if not gpu:
+        raise RuntimeError("the profiler trace has no GPU events (the profiler may not see the GPU, "
+                           "e.g. with several processes on one GPU); use --timer loop or wall")
+    clusters = [[gpu[0][0], gpu[0][1]]]
+    for start, end in gpu[1:]:
+        if start - clusters[-1][1] > gap_us:
+            clusters.append([start, end])
+        else:
+            clusters[-1][1] = max(clusters[-1][1], end)
+    if calls is not None and len(clusters) != calls * every:
+        what = "a flush and a call" if every == 2 else "a call"
+        raise RuntimeError(f"the profiler trace has {len(clusters)} clusters of GPU work (idle gaps over "
+                           f"{gap_us:g} µs between them), expected {calls * every}: {calls} x {what}")
+    return [end - start for start, end in clusters[every - 1::every]]
+
+
 class Timer:
-    """The loop and wall timers of the module docstring."""
+    """The loop, trace and wall timers of the module docstring (`kind` picks the
+    table's: loop, trace or wall)."""
 
     def __init__(self, job: Job, *, iters: int, warmup: int, reps: int, flush_bytes: int,
-                 progress: Callable[[str], None], use_loop: bool = True):
+                 progress: Callable[[str], None], kind: str = "loop"):
         import jax.numpy as jnp
 
+        if kind not in TIMERS:
+            raise ValueError(f"timer {kind!r}: choose from {', '.join(TIMERS)}")
         self.job = job
-        self.use_loop = use_loop
+        self.kind = kind
         self.iters, self.warmup, self.reps = iters, warmup, reps
         self.progress = progress
         n = max(128, flush_bytes // 2)
@@ -548,12 +615,35 @@ class Timer:
             out.append(time.perf_counter() - t0)
         return out
 
+    def traced(self, call: Callable, n: int, name: str, flush: Optional[Callable] = None,
+                sync: bool = True) -> List[float]:
+        """Seconds of GPU work of each of `n` calls, from one profiler trace (the
+        trace timer); the flushes and calls are parted by host sleeps."""
+        import tempfile
+
+        import jax
+
+        with tempfile.TemporaryDirectory(prefix="jax_ep_trace_") as d:
+            with jax.profiler.trace(d, create_perfetto_trace=True):
+                for _ in range(n):
+                    if flush is not None:
+                        jax.block_until_ready(flush())
+                        time.sleep(TRACE_IDLE_S)
+                    if sync:
+                        self.job.kv.barrier(name)
+                    jax.block_until_ready(call())
+                    time.sleep(TRACE_IDLE_S)
+            events = load_trace_events(d)
+        return [us * 1e-6 for us in trace_spans(events, n, every=2 if flush is not None else 1)]
+
     def _slowest(self, name: str, samples: List[float]) -> List[float]:
         parts = self.job.kv.gather(name, samples)
         return [float(v) for v in np.max(np.asarray(parts, np.float64), axis=0)]
 
-    def measure(self, name: str, op: Callable, ins: tuple, *, flush: bool) -> Dict[str, Dict]:
-        """Both timers for the per-rank `op(*ins)`; `ins` are lifted global arrays."""
+    def measure(self, name: str, op: Callable, ins: tuple, *, flush: bool) -> Dict[str, Any]:
+        """The wall timer and `kind`'s for the per-rank `op(*ins)`; `ins` are lifted
+        global arrays. Returns {"primary": kind, "us": the table's stats, "wall": the
+        wall stats, "empty_loop_us": the loop timer's baseline per call or None}."""
         import jax
 
         ins = tuple(ins)
@@ -565,8 +655,23 @@ class Timer:
         self._samples(call, self.warmup, name + "/warm", flush_call)
         wall = self._samples(call, self.iters, name + "/wall", flush_call)
         wall_stats = stats_us(self._slowest(name + "/gw", wall))
-        if not self.use_loop:
-            return {"primary": "wall", "loop": wall_stats, "wall": wall_stats, "empty_loop_us": None}
+        if self.kind == "wall":
+            return {"primary": "wall", "us": wall_stats, "wall": wall_stats, "empty_loop_us": None}
+        if self.kind == "trace":
+            # Every process learns of a failed trace, so none waits for the others' spans.
+            err: Optional[BaseException] = None
+            try:
+                spans = self.traced(call, self.iters, name + "/trace", flush_call)
+            except Exception as e:  # noqa: BLE001
+                spans, err = [], e
+            why = "" if err is None else f"process {self.job.pid}: {type(err).__name__}: {err}"
+            errs = [w for w in self.job.kv.gather(name + "/te", why) if w]
+            if err is not None:
+                raise err
+            if errs:
+                raise RuntimeError(errs[0])
+            return {"primary": "trace", "us": stats_us(self._slowest(name + "/gt", spans)),
+                    "wall": wall_stats, "empty_loop_us": None}
         # loop: the call `reps` times in one program, minus the same program without it.
         loop, empty = self._programs(op, ins, flush)
         state = {"acc": self.zeros_like_out(op, ins), "sc": jax.numpy.copy(scratch)}
@@ -588,7 +693,7 @@ class Timer:
         base = float(np.median(empties))
         del state
         per_call = [max(t - base, 0.0) / self.reps for t in loops]
-        return {"primary": "loop", "loop": stats_us(self._slowest(name + "/gl", per_call)),
+        return {"primary": "loop", "us": stats_us(self._slowest(name + "/gl", per_call)),
                 "wall": wall_stats, "empty_loop_us": base * 1e6 / self.reps}
 
     def local(self, call: Callable, n_warm: int, n: int) -> List[float]:
@@ -601,7 +706,8 @@ def measure_copy(job: Job, timer: Timer, nbytes: int, override_gbps: Optional[fl
     """Copy bandwidth B (read+write bytes/s).
 
     On the first device alone, the others waiting: a plain `jnp.copy` (an XLA
-    device-to-device copy; wall timer) and an elementwise copy kernel (loop timer).
+    device-to-device copy; wall timer) and an elementwise copy kernel (the loop or
+    trace timer, whichever `timer` uses; none under wall).
     When several ranks share a GPU, also every rank copying its share at once (an
     MPS SM cap keeps one process from reaching the whole GPU's bandwidth). B is the
     largest of these, or `override_gbps`.
@@ -621,7 +727,7 @@ def measure_copy(job: Job, timer: Timer, nbytes: int, override_gbps: Optional[fl
         res["memcpy_us"] = t["median"]
         res["memcpy_Bps"] = 2 * n * 2 / (t["median"] * 1e-6)
         res["kernel_us"] = res["kernel_Bps"] = None
-    if job.main and timer.use_loop:
+    if job.main and timer.kind == "loop":
         op = lambda x, o: x * o  # noqa: E731
         loop = jax.jit(Timer.loop_body(op, timer.reps, False), donate_argnums=(1, 3))
         empty = jax.jit(Timer.loop_body(None, timer.reps, False), donate_argnums=(1, 3))
@@ -637,9 +743,17 @@ def measure_copy(job: Job, timer: Timer, nbytes: int, override_gbps: Optional[fl
         base = float(np.median(timer.local(run(empty), 1, 5)))
         loops = timer.local(run(loop), 1, max(5, timer.iters // 5))
         kernel_s = max(float(np.median(loops)) - base, 1e-9) / timer.reps
+        del state
+    if job.main and timer.kind == "trace":
+        kernel = jax.jit(lambda x, o: x * o)
+        call = lambda: kernel(a, one)  # noqa: E731
+        timer.local(call, 1, 1)
+        kernel_s = max(float(np.median(timer.traced(call, max(5, timer.iters // 5), "copy", sync=False))),
+                       1e-9)
+    if job.main and timer.kind != "wall":
+        res["kernel_timer"] = timer.kind
         res["kernel_us"] = kernel_s * 1e6
         res["kernel_Bps"] = 2 * n * 2 / kernel_s
-        del state
     if job.main:
         del a
     res = job.kv.gather("copy", res)[0]
@@ -649,10 +763,10 @@ def measure_copy(job: Job, timer: Timer, nbytes: int, override_gbps: Optional[fl
         src = put_ranks(job, lambda r: np.zeros((share,), jnp.bfloat16))
         m = timer.measure("copy/all", lambda x, o: x * o, (src, timer.one), flush=False)
         del src
-        t = m["loop"]["median"] * 1e-6
+        t = m["us"]["median"] * 1e-6
         if t > 0:
             res["all_ranks_bytes_per_gpu"] = float(share * 2 * job.procs_per_gpu)
-            res["all_ranks_us"] = m["loop"]["median"]
+            res["all_ranks_us"] = m["us"]["median"]
             res["all_ranks_Bps"] = 2 * share * 2 * job.procs_per_gpu / t
             candidates.append(res["all_ranks_Bps"])
     res["B_measured"] = max(candidates)
@@ -945,10 +1059,13 @@ class Run:
         self.notes: List[str] = list(job.notes)
         self.quiet = args.quiet or not job.main
         self.t0 = time.monotonic()
+        if args.timer == "trace" and job.platform != "gpu":
+            raise SystemExit(f"--timer trace needs GPU events in the profiler trace; on "
+                             f"{job.platform.upper()} use --timer loop or wall")
         flush_mb = args.flush_mb if args.flush_mb is not None else (100 if job.platform == "gpu" else 8)
         self.timer = Timer(job, iters=args.iters, warmup=args.warmup, reps=args.reps,
                            flush_bytes=int(flush_mb * 2 ** 20), progress=self.say,
-                           use_loop=(args.timer == "loop"))
+                           kind=args.timer)
         copy_mb = args.copy_mb if args.copy_mb is not None else (512 if job.platform == "gpu" else 32)
         self.say(f"copy bandwidth: {copy_mb} MB copy on {job.devices[0]}")
         self.copy = measure_copy(job, self.timer, int(copy_mb * 2 ** 20), args.copy_gbps)
@@ -972,10 +1089,10 @@ class Run:
     def timed_row(self, base: dict, name: str, op, ins, *, flush: bool) -> dict:
         row = dict(base)
         m = self.timer.measure(name, op, ins, flush=flush)
-        row.update(us=m["loop"]["median"], us_p10=m["loop"]["p10"], us_p90=m["loop"]["p90"],
+        row.update(us=m["us"]["median"], us_p10=m["us"]["p10"], us_p90=m["us"]["p90"],
                    us_wall=m["wall"]["median"], us_wall_p10=m["wall"]["p10"],
                    us_wall_p90=m["wall"]["p90"], empty_loop_us=m["empty_loop_us"],
-                   samples=m["loop"]["n"], timer=m["primary"])
+                   samples=m["us"]["n"], timer=m["primary"])
         return row
 
     def machine(self) -> dict:
@@ -1040,7 +1157,7 @@ class Run:
         copies = (f"jnp.copy of {c['bytes'] / 2 ** 20:.0f} MB on rank 0: {c['memcpy_us']:.0f} µs = "
                   f"{c['memcpy_Bps'] / 1e9:.1f} GB/s")
         if c.get("kernel_Bps"):
-            copies += (f"; copy kernel, loop timer: {c['kernel_us']:.0f} µs = "
+            copies += (f"; copy kernel, {c.get('kernel_timer', 'loop')} timer: {c['kernel_us']:.0f} µs = "
                        f"{c['kernel_Bps'] / 1e9:.1f} GB/s")
         if "all_ranks_Bps" in c:
             copies += (f"; all {j.procs_per_gpu} ranks of a GPU at once: {c['all_ranks_us']:.0f} µs = "
@@ -1051,11 +1168,12 @@ class Run:
             f"machine: {j.device_kind} ({j.platform}), {j.R} ranks in {j.nproc} process(es), "
             f"{j.procs_per_gpu} rank(s) per device, up to {j.sm_cap} SMs per rank",
             f"copy bandwidth B = {c['B'] / 1e9:.1f} GB/s of read+write traffic, {source}: {copies}",
-            (f"timing: median of {a.iters} samples after {a.warmup} warmup calls; µs = loop timer "
-             f"(device side, {a.reps} calls per program), µs wall = one call per sample"
-             if a.timer == "loop" else
-             f"timing: median of {a.iters} samples after {a.warmup} warmup calls; µs = wall clock "
-             "of one call per sample (--timer wall)"),
+            f"timing: median of {a.iters} samples after {a.warmup} warmup calls; " + {
+                "loop": f"µs = loop timer (device side, {a.reps} calls per program), µs wall = one call "
+                        "per sample",
+                "trace": "µs = span of the call's GPU work in a profiler trace (first kernel start to "
+                         "last kernel end), µs wall = one call per sample",
+                "wall": "µs = wall clock of one call per sample (--timer wall)"}[a.timer],
         ]
         return lines
 
@@ -1507,7 +1625,7 @@ def run_low_latency(args) -> int:
             try:
                 src = put_ranks(job, lambda r: np.zeros((n_el,), jnp.bfloat16))
                 m = run.timer.measure(name, lambda a, o: a * o, (src, run.timer.one), flush=False)
-                t_copy = m["loop"]["median"]
+                t_copy = m["us"]["median"]
                 del src
             except Exception as e:  # noqa: BLE001
                 run.error(name, e)
@@ -1658,8 +1776,9 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--iters", type=int, default=50, help="timed samples (default 50)")
         s.add_argument("--warmup", type=int, default=20, help="warmup calls (default 20)")
         s.add_argument("--reps", type=int, default=10, help="calls per program of the loop timer")
-        s.add_argument("--timer", choices=("loop", "wall"), default="loop",
-                       help="loop: device-side loop timer (µs) and wall clock (µs wall); "
+        s.add_argument("--timer", choices=TIMERS, default="loop",
+                       help="loop: device-side loop timer (µs) and wall clock (µs wall); trace: the "
+                            "span of each call's GPU work in a profiler trace (µs) and wall clock; "
                             "wall: the wall clock only (no loop programs to compile)")
         s.add_argument("--copy-mb", dest="copy_mb", type=float, default=None,
                        help="size of the copy that measures B (default 512 on GPU, 32 elsewhere)")

@@ -68,7 +68,7 @@ REQUIRED = ("tokens", "hidden", "top_k", "experts")
 # bench options a YAML may set: key -> (bench flag, type, minimum)
 BENCH_KEYS = {
     "iters": ("--iters", int, 1), "warmup": ("--warmup", int, 0), "reps": ("--reps", int, 1),
-    "timer": ("--timer", ("loop", "wall"), None), "flush_mb": ("--flush-mb", float, 0.0),
+    "timer": ("--timer", ("loop", "trace", "wall"), None), "flush_mb": ("--flush-mb", float, 0.0),
     "copy_mb": ("--copy-mb", float, 0.0), "copy_gbps": ("--copy-gbps", float, 0.0),
     "link_gbps": ("--link-gbps", float, 0.0),
 }

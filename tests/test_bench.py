@@ -183,6 +183,78 @@ def test_stats_and_round_up():
     assert bench.round_up(256, 128) == 256
 
 
+# ------------------------------------------------------------------- the trace timer
+
+
+def _meta(pid, name):
+    return {"ph": "M", "pid": pid, "name": "process_name", "args": {"name": name}}
+
+
+def _ev(pid, ts, dur, name="k"):
+    return {"ph": "X", "pid": pid, "tid": 1, "ts": ts, "dur": dur, "name": name}
+
+
+def test_trace_spans_one_cluster_per_call():
+    events = [_meta(1, "/device:GPU:0 (pid 1)"), _meta(2, "/host:CPU")]
+    for c in range(3):  # calls 5 ms apart: two kernels 17 + 11 µs with a 4 µs gap
+        t = 1000.0 + 5000.0 * c
+        events += [_ev(1, t, 17.0), _ev(1, t + 21.0, 11.0 + c)]
+        events += [_ev(2, t - 50.0, 400.0), _ev(2, t + 700.0, 10.0)]  # host events: ignored
+    events.reverse()  # any order
+    assert bench.trace_spans(events, 3) == pytest.approx([32.0, 33.0, 34.0])
+    assert bench.trace_spans(events) == pytest.approx([32.0, 33.0, 34.0])  # no count check
+    # A gap longer than the threshold inside a call splits it: the count no longer matches.
+    with pytest.raises(RuntimeError, match="has 6 clusters .* expected 3"):
+        bench.trace_spans(events, 3, gap_us=2.0)
+
+
+def test_trace_spans_covers_every_gpu_of_the_process():
+    events = [_meta(1, "/device:GPU:0"), _meta(2, "/device:GPU:1"), {"ph": "M", "pid": 1, "tid": 7,
+              "name": "thread_name", "args": {"name": "Stream #13"}}]
+    for c in range(2):
+        t = 10_000.0 * c
+        events += [_ev(1, t, 20.0), _ev(1, t + 30.0, 10.0),  # GPU 0: 0-40
+                   _ev(2, t + 5.0, 50.0),  # GPU 1 overlaps, ends last (55)
+                   _ev(2, t + 35.0, 2.0)]  # starts before the latest end: same cluster
+    assert bench.trace_spans(events, 2) == pytest.approx([55.0, 55.0])
+
+
+def test_trace_spans_flush_and_call_in_turn():
+    events = [_meta(3, "/device:GPU:0")]
+    for c in range(4):
+        t = 100_000.0 * c
+        events += [_ev(3, t, 300.0, "flush")]  # the L2 flush
+        events += [_ev(3, t + 3000.0, 40.0 + c), _ev(3, t + 3050.0, 10.0)]  # then the call (60 + c)
+    assert bench.trace_spans(events, 4, every=2) == pytest.approx([60.0, 60.0, 60.0, 60.0])
+    assert bench.trace_spans(events, 8) == pytest.approx([300.0, 60.0] * 4)
+    with pytest.raises(RuntimeError, match=r"has 8 clusters .* expected 10: 5 x a flush and a call"):
+        bench.trace_spans(events, 5, every=2)
+    with pytest.raises(RuntimeError, match=r"expected 4: 4 x a call"):
+        bench.trace_spans(events, 4)
+
+
+def test_trace_spans_without_gpu_events_is_an_error():
+    events = [_meta(1, "/host:CPU"), _ev(1, 0.0, 10.0), _ev(9, 0.0, 10.0)]  # pid 9: no name
+    with pytest.raises(RuntimeError, match="no GPU events"):
+        bench.trace_spans(events, 1)
+
+
+def test_load_trace_events(tmp_path):
+    import gzip
+
+    events = [_meta(1, "/device:GPU:0"), _ev(1, 0.0, 12.5)]
+    d = tmp_path / "plugins" / "profile" / "run"
+    d.mkdir(parents=True)
+    with gzip.open(d / "perfetto_trace.json.gz", "wt") as fh:
+        json.dump({"displayTimeUnit": "ns", "traceEvents": events}, fh)
+    assert bench.load_trace_events(str(tmp_path)) == events
+    with gzip.open(d / "perfetto_trace.json.gz", "wt") as fh:
+        json.dump(events, fh)  # a bare list
+    assert bench.trace_spans(bench.load_trace_events(str(tmp_path)), 1) == [12.5]
+    with pytest.raises(RuntimeError, match="no perfetto_trace.json.gz"):
+        bench.load_trace_events(str(tmp_path / "empty"))
+
+
 # ------------------------------------------------------------------------ the CLI
 
 
@@ -309,6 +381,56 @@ def test_cli_cuda_path_with_a_stand_in_backend(tmp_path, capsys, monkeypatch):
     assert _is_png(png)
 
 
+def test_cli_trace_timer_with_stand_in_gpu_events(tmp_path, capsys, monkeypatch):
+    """--timer trace end to end on CPU: the profiler runs, the GPU events are made up
+    (a 12 µs call, and a 300 µs flush before it in normal mode)."""
+    real_job, real_spans = bench.make_job, bench.trace_spans
+    seen = []
+
+    def make_job(devices_arg=None):
+        job = real_job(devices_arg)
+        job.platform = "gpu"  # past the check at start-up; the cuda rows say n/a (no extension)
+        return job
+
+    def trace_spans(events, calls=None, *, gap_us=bench.TRACE_GAP_US, every=1):
+        assert any(e.get("ph") == "M" for e in events)  # the real trace, loaded
+        seen.append((calls, every))
+        fake = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}}]
+        for c in range(calls):
+            t = 10_000.0 * c
+            if every == 2:
+                fake.append({"ph": "X", "pid": 1, "ts": t, "dur": 300.0})
+            fake += [{"ph": "X", "pid": 1, "ts": t + 3000.0, "dur": 5.0},
+                     {"ph": "X", "pid": 1, "ts": t + 3010.0, "dur": 2.0}]
+        return real_spans(fake + list(events), calls, gap_us=gap_us, every=every)
+
+    monkeypatch.setattr(bench, "make_job", make_job)
+    monkeypatch.setattr(bench, "trace_spans", trace_spans)
+    js = tmp_path / "t.json"
+    rc = bench.main(["low-latency", "--devices", "1", "--tokens", "4", "--hidden", "128", "--experts", "8",
+                     "--top-k", "2", "--backends", "xla", "--timer", "trace", *FAST, "--json", str(js)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "span of the call's GPU work in a profiler trace" in out and "copy kernel, trace timer: 12" in out
+    data = _load(js)
+    assert data["copy"]["kernel_timer"] == "trace" and data["copy"]["kernel_us"] == pytest.approx(12.0)
+    assert all(l["copy_same_bytes_us"] == pytest.approx(12.0) for l in data["limits"])
+    assert len(data["rows"]) == 3
+    for r in data["rows"]:
+        assert r["timer"] == "trace" and r["us"] == pytest.approx(12.0) and r["samples"] == 2
+        assert r["us_wall"] > 0 and r["empty_loop_us"] is None
+    assert set(seen) == {(5, 1), (2, 1)}  # the copy kernel's 5 calls, then 2 per row; no flush
+    seen.clear()
+    rc = bench.main(["normal", "--devices", "1", "--tokens", "32", "--hidden", "128", "--experts", "8",
+                     "--top-k", "2", "--layout", "experts", "--dtype", "bf16", "--backends", "xla",
+                     "--timer", "trace", *FAST, "--json", str(js)])
+    assert rc == 0, capsys.readouterr().out
+    rows = _load(js)["rows"]
+    assert {r["direction"] for r in rows} == {"dispatch", "combine"}
+    assert all(r["timer"] == "trace" and r["us"] == pytest.approx(12.0) for r in rows)
+    assert (2, 2) in seen  # the L2 flush before every call: flush and call in turn
+
+
 def test_deepep_figures_only_for_the_same_setting():
     from types import SimpleNamespace
 
@@ -334,6 +456,17 @@ def test_module_entry_point_help():
     r = subprocess.run([sys.executable, "-m", "jax_ep.bench", "low-latency", "--help"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "--round-scale" in r.stdout
+
+
+def test_trace_timer_on_cpu_stops_at_once():
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    r = subprocess.run([sys.executable, "-m", "jax_ep.bench", "low-latency", "--timer", "trace"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert ("--timer trace needs GPU events in the profiler trace; on CPU use --timer loop or wall"
+            in r.stderr.strip().splitlines()[-1])
+    assert "Traceback" not in r.stderr and "copy bandwidth" not in r.stderr
 
 
 def test_bad_arguments_exit_with_a_message():

@@ -100,7 +100,7 @@ def test_bad_values_are_named_with_the_allowed_ones():
     errs = _errors(_good(**{"backend": "nccl"}))
     assert errs == ["backend: 'nccl' is not allowed; allowed values: cuda, xla"]
     errs = _errors(_good(**{"bench/timer": "cuda-events"}))
-    assert errs == ["bench.timer: 'cuda-events' is not allowed; allowed values: loop, wall"]
+    assert errs == ["bench.timer: 'cuda-events' is not allowed; allowed values: loop, trace, wall"]
     errs = _errors(_good(**{"workloads/0/tokens": [32, 0]}))
     assert errs == ["workloads[0].tokens[1]: 0 is not allowed; allowed values: an integer >= 1"]
     errs = _errors(_good(**{"search/dispatch/block_size": [256, 100]}))
