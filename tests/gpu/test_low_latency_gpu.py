@@ -60,12 +60,13 @@ _NVSHMEM = []
 def _nvshmem_buffer() -> jax_ep.Buffer:
     """A second Buffer, on NVSHMEM symmetric memory: the kernels put and signal
     through NVSHMEM (over P2P on one GPU) instead of storing through peer pointers."""
-    from harness import AXIS, gpu_mesh
+    from harness import AXIS, gpu_mesh, my_rank
 
     from jax_ep import nvshmem
 
     if not nvshmem.available():
         pytest.skip("jax_ep built without NVSHMEM")
+    my_rank()  # one GPU per process, as the NVSHMEM transport needs (skips otherwise)
     if not _NVSHMEM:
         nvshmem.initialize()
         _NVSHMEM.append(jax_ep.Buffer(gpu_mesh(), AXIS, hidden=H, max_tokens_per_rank=M, num_experts=E,
