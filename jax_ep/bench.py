@@ -619,23 +619,44 @@ class Timer:
         return out
 
     def traced(self, call: Callable, n: int, name: str, flush: Optional[Callable] = None,
-                sync: bool = True) -> List[float]:
+               sync: bool = True) -> List[float]:
         """Seconds of GPU work of each of `n` calls, from one profiler trace (the
-        trace timer); the flushes and calls are parted by host sleeps."""
+        trace timer); the flushes and calls are parted by host sleeps. A process
+        whose trace or call fails still takes part in every barrier (it skips the
+        work, not the meeting) and raises at the end, so the processes stay in step."""
         import tempfile
 
         import jax
 
+        err: Optional[BaseException] = None
         with tempfile.TemporaryDirectory(prefix="jax_ep_trace_") as d:
-            with jax.profiler.trace(d, create_perfetto_trace=True):
-                for _ in range(n):
-                    if flush is not None:
+            trace = jax.profiler.trace(d, create_perfetto_trace=True)
+            try:
+                trace.__enter__()
+            except Exception as e:  # noqa: BLE001
+                trace, err = None, e
+            for _ in range(n):
+                if err is None and flush is not None:
+                    try:
                         jax.block_until_ready(flush())
                         time.sleep(TRACE_IDLE_S)
-                    if sync:
-                        self.job.kv.barrier(name)
-                    jax.block_until_ready(call())
-                    time.sleep(TRACE_IDLE_S)
+                    except Exception as e:  # noqa: BLE001
+                        err = e
+                if sync:
+                    self.job.kv.barrier(name)
+                if err is None:
+                    try:
+                        jax.block_until_ready(call())
+                        time.sleep(TRACE_IDLE_S)
+                    except Exception as e:  # noqa: BLE001
+                        err = e
+            if trace is not None:
+                try:
+                    trace.__exit__(None, None, None)
+                except Exception as e:  # noqa: BLE001
+                    err = err or e
+            if err is not None:
+                raise err
             events = load_trace_events(d)
         return [us * 1e-6 for us in trace_spans(events, n, every=2 if flush is not None else 1)]
 
@@ -747,19 +768,27 @@ def measure_copy(job: Job, timer: Timer, nbytes: int, override_gbps: Optional[fl
         loops = timer.local(run(loop), 1, max(5, timer.iters // 5))
         kernel_s = max(float(np.median(loops)) - base, 1e-9) / timer.reps
         del state
+    err = ""
     if job.main and timer.kind == "trace":
         kernel = jax.jit(lambda x, o: x * o)
         call = lambda: kernel(a, one)  # noqa: E731
         timer.local(call, 1, 1)
-        kernel_s = max(float(np.median(timer.traced(call, max(5, timer.iters // 5), "copy", sync=False))),
-                       1e-9)
-    if job.main and timer.kind != "wall":
+        try:
+            kernel_s = max(float(np.median(timer.traced(call, max(5, timer.iters // 5), "copy",
+                                                        sync=False))), 1e-9)
+        except Exception as e:  # noqa: BLE001  (every process raises it, below)
+            err = f"the copy kernel's trace on process {job.pid}: {type(e).__name__}: {e}"
+            kernel_s = None
+    if job.main and timer.kind != "wall" and kernel_s is not None:
         res["kernel_timer"] = timer.kind
         res["kernel_us"] = kernel_s * 1e6
         res["kernel_Bps"] = 2 * n * 2 / kernel_s
     if job.main:
         del a
+    res["error"] = err
     res = job.kv.gather("copy", res)[0]
+    if res.pop("error"):
+        raise RuntimeError(err or "the copy kernel's trace failed on process 0 (see its output)")
     candidates = [v for v in (res["memcpy_Bps"], res["kernel_Bps"]) if v]
     if job.procs_per_gpu > 1:
         share = max(1024, nbytes // 2 // job.procs_per_gpu)

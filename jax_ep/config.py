@@ -78,7 +78,9 @@ def low_latency_sms() -> int:
     if _DEFAULT_NUM_SMS is not None:
         return _DEFAULT_NUM_SMS
     env = os.environ.get("JAX_EP_NUM_SMS")
-    return int(env) if env else 0
+    if not env:
+        return 0
+    return Config(num_sms=int(env)).num_sms  # validates: a positive int
 
 
 # ------------------------------------------------------------- tuned configs

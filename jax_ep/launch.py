@@ -15,7 +15,9 @@ GPUs (found with `nvidia-smi -L`, restricted to CUDA_VISIBLE_DEVICES when set):
   default        one GPU per process: process i gets the i-th GPU of this host
                  (with `--nodes`, the simulated nodes share this host's GPUs).
   --share-gpu    every process on the first GPU, with XLA_PYTHON_CLIENT_PREALLOCATE=false
-                 unless a preallocation or memory fraction is already set.
+                 unless a preallocation or memory fraction is already set, and, without
+                 --sms-per-rank (or JAX_EP_NUM_SMS in the environment), JAX_EP_NUM_SMS=SMs//N
+                 so that the waiting kernels of all N processes fit the GPU at once.
   --mps          starts the CUDA MPS daemon for the job (pipe and log directories in a
                  fresh temporary directory) and stops it afterwards.
   --sms-per-rank caps each process at S SMs: JAX_EP_NUM_SMS=S for the library and
@@ -132,11 +134,15 @@ def _rank_envs(args: argparse.Namespace, gpus: list[str] | None, port: int,
         v in os.environ for v in ("XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION")
     ):
         base["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    sms = int(os.environ.get("JAX_EP_GPU_SMS", _DEFAULT_GPU_SMS))
     if args.sms_per_rank is not None:
-        sms = int(os.environ.get("JAX_EP_GPU_SMS", _DEFAULT_GPU_SMS))
         base["JAX_EP_NUM_SMS"] = str(args.sms_per_rank)
         percent = min(100, max(1, math.ceil(100 * args.sms_per_rank / sms)))
         base["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(percent)
+    elif args.share_gpu and gpus is not None and "JAX_EP_NUM_SMS" not in os.environ:
+        # Kernels that wait on other ranks must all be resident at once (DESIGN 2):
+        # without a given share, each process's kernels take an equal one.
+        base["JAX_EP_NUM_SMS"] = str(max(1, sms // args.nproc))
     envs = []
     for rank in range(args.nproc):
         env = dict(base)

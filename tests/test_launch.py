@@ -171,6 +171,20 @@ def test_gpu_assignment(monkeypatch):
     assert envs[0]["JAX_PLATFORMS"] == "cpu" and "CUDA_VISIBLE_DEVICES" not in envs[0]
 
 
+def test_shared_gpu_gets_a_share_of_sms(monkeypatch):
+    """Processes sharing a GPU get an equal SM budget unless one is given, so their
+    waiting kernels fit at once; one process per GPU gets none (the whole GPU)."""
+    monkeypatch.delenv("JAX_EP_NUM_SMS", raising=False)
+    envs = _envs(monkeypatch, ["--nproc", "8", "--share-gpu", "x.py"], ["0"])
+    assert {e["JAX_EP_NUM_SMS"] for e in envs} == {"16"}  # 132 // 8
+    assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" not in envs[0]
+    envs = _envs(monkeypatch, ["--nproc", "2", "--share-gpu", "--sms-per-rank", "40", "x.py"], ["0"])
+    assert envs[0]["JAX_EP_NUM_SMS"] == "40"
+    assert "JAX_EP_NUM_SMS" not in _envs(monkeypatch, ["--nproc", "2", "x.py"], ["0", "1"])[0]
+    monkeypatch.setenv("JAX_EP_NUM_SMS", "12")  # the user's own budget is kept
+    assert _envs(monkeypatch, ["--nproc", "8", "--share-gpu", "x.py"], ["0"])[0]["JAX_EP_NUM_SMS"] == "12"
+
+
 def test_split_argv():
     assert launch._split_argv(["--nproc", "2", "-m", "pytest", "-q"]) == (["--nproc", "2"],
                                                                         ["-m", "pytest", "-q"])

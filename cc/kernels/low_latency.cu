@@ -16,7 +16,7 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kHeader = 16;  // {token, i, 0, 0}
 constexpr int kU = 4;        // 16-byte units a lane loads before it stores any
 constexpr int kChunk = 32 * kU;  // units a warp moves per step of the send loop
-constexpr int kMaxParts = 16;    // most warps sharing one token's row in the combine recv
+constexpr int kMaxParts = 16;    // most warps sharing one token's row (combine recv) or one expert's rows (dispatch recv)
 
 // Few tokens (or experts) leave most warps idle, and one warp walking a whole row is a chain
 // of dependent memory round trips: a token's row is split into `parts` pieces,
