@@ -77,10 +77,14 @@ def low_latency_sms() -> int:
     whole GPU; processes sharing a GPU must set a budget (the launcher does)."""
     if _DEFAULT_NUM_SMS is not None:
         return _DEFAULT_NUM_SMS
+    share = _launcher_share()
+    return 0 if share is None else Config(num_sms=share).num_sms  # validates: a positive int
+
+
+def _launcher_share() -> Optional[int]:
+    """`JAX_EP_NUM_SMS` (the launcher's `--sms-per-rank` or shared-GPU share), or None."""
     env = os.environ.get("JAX_EP_NUM_SMS")
-    if not env:
-        return 0
-    return Config(num_sms=int(env)).num_sms  # validates: a positive int
+    return int(env) if env else None
 
 
 # ------------------------------------------------------------- tuned configs
@@ -213,8 +217,7 @@ def resolve(config: Optional[Config], *, num_ranks: Optional[int] = None, hidden
         return config
     if _DEFAULT_NUM_SMS is not None:
         return Config(num_sms=_DEFAULT_NUM_SMS)
-    env = os.environ.get("JAX_EP_NUM_SMS")
-    share = int(env) if env else None
+    share = _launcher_share()
     tuned = tuned_config(num_ranks, hidden, dtype, mode, kernel)
     if tuned is not None:
         if share is not None and tuned.num_sms > share:

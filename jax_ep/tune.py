@@ -52,6 +52,7 @@ import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from . import config as config_lib
+from .bench import TIMERS
 from .config import Config
 from .routing_gen import ROUTINGS
 
@@ -68,7 +69,7 @@ REQUIRED = ("tokens", "hidden", "top_k", "experts")
 # bench options a YAML may set: key -> (bench flag, type, minimum)
 BENCH_KEYS = {
     "iters": ("--iters", int, 1), "warmup": ("--warmup", int, 0), "reps": ("--reps", int, 1),
-    "timer": ("--timer", ("loop", "trace", "wall"), None), "flush_mb": ("--flush-mb", float, 0.0),
+    "timer": ("--timer", TIMERS, None), "flush_mb": ("--flush-mb", float, 0.0),
     "copy_mb": ("--copy-mb", float, 0.0), "copy_gbps": ("--copy-gbps", float, 0.0),
     "link_gbps": ("--link-gbps", float, 0.0),
 }
