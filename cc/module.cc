@@ -76,6 +76,8 @@ NB_MODULE(_ext, m) {
     d["jax_ep_ll_dispatch_recv"] = capsule(jax_ep::JaxEpLLDispatchRecv);
     d["jax_ep_ll_combine_send"] = capsule(jax_ep::JaxEpLLCombineSend);
     d["jax_ep_ll_combine_recv"] = capsule(jax_ep::JaxEpLLCombineRecv);
+    d["jax_ep_ll_dispatch_local"] = capsule(jax_ep::JaxEpLLDispatchLocal);
+    d["jax_ep_ll_combine_local"] = capsule(jax_ep::JaxEpLLCombineLocal);
     return d;
   });
 

@@ -497,7 +497,10 @@ def trace_spans(events: Sequence[dict], calls: Optional[int] = None, *, gap_us: 
     start, they split into clusters wherever the next event starts more than
     `gap_us` after the latest end so far. A cluster's span is its last end minus its
     first start. `every` = 2 keeps every second cluster (flush and call in turn: the
-    calls). With `calls` given, there must be exactly `calls * every` clusters.
+    calls). With `calls` given, there must be `calls * every` clusters: where a call
+    idles longer than `gap_us` inside (a host-bound call), the clusters are joined
+    at the shortest gaps until that many remain (the host waits for each call to
+    finish before it starts the next, so the longest gaps fall between calls).
     """
     names = {e.get("pid"): str(e.get("args", {}).get("name", "")) for e in events
              if e.get("ph") == "M" and e.get("name") == "process_name"}
@@ -512,6 +515,16 @@ def trace_spans(events: Sequence[dict], calls: Optional[int] = None, *, gap_us: 
             clusters.append([start, end])
         else:
             clusters[-1][1] = max(clusters[-1][1], end)
+    if calls is not None and len(clusters) > calls * every:
+        gaps = sorted(range(1, len(clusters)), key=lambda i: clusters[i][0] - clusters[i - 1][1])
+        joined = set(gaps[:len(clusters) - calls * every])
+        kept = []
+        for i, c in enumerate(clusters):
+            if i in joined:
+                kept[-1][1] = max(kept[-1][1], c[1])
+            else:
+                kept.append(list(c))
+        clusters = kept
     if calls is not None and len(clusters) != calls * every:
         what = "a flush and a call" if every == 2 else "a call"
         raise RuntimeError(f"the profiler trace has {len(clusters)} clusters of GPU work (idle gaps over "
@@ -897,7 +910,7 @@ ROW_FIELDS = (
     "routing", "backend", "ranks", "procs", "sms", "us", "us_p10", "us_p90", "us_wall", "us_wall_p10",
     "us_wall_p90", "timer", "samples", "gbps", "roofline_us", "staging_us", "x_roofline", "x_staging",
     "vs_xla", "vs_sort", "deepep_us", "deepep_gbps", "vs_deepep", "check", "note",
-    "x_copy", "copy_us", "bytes_per_rank", "link_us", "x_link",
+    "x_copy", "copy_us", "bytes_per_rank", "link_us", "x_link", "zero_padding",
 )
 
 COLUMNS = [
@@ -1616,6 +1629,7 @@ def _fill_ratios(rows: List[dict]) -> None:
 
 
 def run_low_latency(args) -> int:
+    import jax
     import jax.numpy as jnp
 
     import jax_ep
@@ -1682,9 +1696,12 @@ def run_low_latency(args) -> int:
         if not args.no_combine_alone:
             directions.append(("combine", "bf16"))
 
+        unset = args.padding == "unset"
+
         def base_row(direction, dtype, backend):
             t_roof, t_stage, t_copy, msg_bytes = lim[(direction, dtype)]
-            return dict(mode="low_latency", workload=f"{direction} {dtype} T={T}", direction=direction,
+            label = f"{direction} {dtype} T={T}" + (", padding unset" if unset and direction != "combine" else "")
+            return dict(mode="low_latency", workload=label, direction=direction, zero_padding=not unset,
                         dtype=dtype, layout=None, routing=args.routing, backend=backend,
                         transport=args.transport if backend == "cuda" else None, ranks=R,
                         procs=job.nproc, sms=None, roofline_us=t_roof * 1e6, staging_us=t_stage * 1e6,
@@ -1704,8 +1721,22 @@ def run_low_latency(args) -> int:
                 return jax_ep.low_latency_dispatch(
                     xv, iv, num_experts=E, axis_name=EP, max_tokens_per_rank=T, fp8=(dtype == "fp8"),
                     round_scale=args.round_scale, buffer=buf if backend == "cuda" else None,
-                    backend=backend)
+                    backend=backend, zero_padding=not unset)
             return op
+
+        def checked_disp_op(backend, dtype):
+            # what the check compares: with the padding unset, only the rows up to count[e]
+            op = disp_op(backend, dtype)
+
+            def view(xv, iv):
+                r = op(xv, iv)
+                if not unset:
+                    return {"x": r.x, "count": r.count}
+                rows = r.x.data if dtype == "fp8" else r.x
+                valid = (jnp.arange(rows.shape[1]) < r.count[:, None])[:, :, None]
+                keep = lambda a: jnp.where(valid, a, jnp.zeros((), a.dtype))  # noqa: E731
+                return {"x": jax.tree.map(keep, r.x), "count": r.count}
+            return view
 
         def producer(backend, dtype):
             op = disp_op(backend, dtype)
@@ -1741,14 +1772,13 @@ def run_low_latency(args) -> int:
                 try:
                     if direction == "dispatch":
                         op = disp_op(backend, dtype)
-                        out = sharded(job, op)(x, idx)
-                        view = {"x": out.x, "count": out.count}
+                        view = sharded(job, checked_disp_op(backend, dtype))(x, idx)
                         if backend == "xla":
                             row["check"] = "ref"
                             ll_ref[("dispatch", dtype)] = view
                         else:
                             row["check"] = _check_against(run, job, args, ll_ref, ("dispatch", dtype), view, xla_ok)
-                        del out
+                        del view
                         row = run.timed_row(row, name, op, (x, idx), flush=False)
                     elif direction == "round trip":
                         op = round_trip_op(backend, dtype)
@@ -1837,6 +1867,9 @@ def _parser() -> argparse.ArgumentParser:
     ll = sub.add_parser("low-latency", help="low-latency dispatch / combine (decode)")
     common(ll, ",".join(map(str, LL_TOKENS)), "fp8", "uniform", "cuda,xla")
     ll.add_argument("--round-scale", dest="round_scale", action="store_true")
+    ll.add_argument("--padding", choices=("zero", "unset"), default="zero",
+                    help="rows of the dispatch output past each expert's count: zero (DESIGN 3.2) or "
+                         "unset (zero_padding=False; only the first count[e] rows are written)")
     ll.add_argument("--transport", choices=("peer", "nvshmem"), default="peer",
                     help="how the cuda kernels reach other ranks (nvshmem: a build with NVSHMEM)")
     ll.add_argument("--no-combine-alone", dest="no_combine_alone", action="store_true",

@@ -29,6 +29,7 @@ def low_latency_dispatch_send(
     round_scale: bool = False,
     buffer=None,
     backend: str = "auto",
+    zero_padding: bool = True,
 ) -> LowLatencyPending:
     """Issue the writes of a low-latency dispatch and return at once.
 
@@ -36,6 +37,13 @@ def low_latency_dispatch_send(
     fp8), topk_idx: int32 [T, K]. Pass the result to
     `low_latency_dispatch_recv`; work placed between the two overlaps the
     transfer (see `overlap`).
+
+    zero_padding: the rows of each expert past `count[e]` (and their FP8
+    scales) are zero, as DESIGN 3.2 specifies. False leaves them unspecified:
+    the kernels then skip writing the whole `[E_local, R*M, H]` output each
+    call (235 MB at the DeepSeek-V3 decode shape), for consumers that read only
+    the first `count[e]` rows, as `low_latency_combine` does. The xla backend
+    zeroes them either way.
     """
     T, H, K = check_tokens(x, topk_idx, None, _IN_DTYPES)
     if not isinstance(max_tokens_per_rank, int) or max_tokens_per_rank < 1:
@@ -54,14 +62,15 @@ def low_latency_dispatch_send(
         axis_name=axis_name, num_experts=num_experts, num_ranks=R,
         max_tokens_per_rank=max_tokens_per_rank, hidden=H, top_k=K, fp8=bool(fp8),
         round_scale=bool(round_scale), backend=kind, buffer_id=buffer_id,
+        zero_padding=bool(zero_padding),
     )
-    routing = sender_routing(
-        topk_idx.astype(jnp.int32), jnp.ones((T, K), jnp.float32), num_experts=num_experts,
-        num_ranks=R, capacity=0, layout="experts",
-    )
+    idx = topk_idx.astype(jnp.int32)
+    routing = sender_routing(idx, jnp.ones((T, K), jnp.float32), num_experts=num_experts,
+                             num_ranks=R, capacity=0, layout="experts")
     debug.check_counts("low_latency_dispatch_send", routing.num_invalid, axis_name=axis_name,
                        backend=kind)
-    return backends.low_latency_impl(meta).ll_dispatch_send(x, routing.row_idx, routing.slot_pos, meta)
+    # (a backend that routes in its kernels leaves `routing` unused, and XLA drops it)
+    return backends.low_latency_impl(meta).ll_dispatch_send(x, idx, routing, meta)
 
 
 def low_latency_dispatch_recv(pending: LowLatencyPending) -> LowLatencyOutput:
@@ -97,12 +106,10 @@ def low_latency_combine_send(
     T = handle.slot_pos.shape[0]
     check_shape("topk_idx", topk_idx, (T, meta.top_k), f"[{T}, {meta.top_k}]")
     check_shape("topk_weights", topk_weights, (T, meta.top_k), f"[{T}, {meta.top_k}]")
-    routing = sender_routing(
-        topk_idx.astype(jnp.int32), topk_weights.astype(jnp.float32),
-        num_experts=meta.num_experts, num_ranks=R, capacity=0, layout="experts",
-    )
-    w = jnp.where(routing.slot_pos >= 0, topk_weights.astype(jnp.float32), 0.0)
-    return backends.low_latency_impl(meta).ll_combine_send(expert_out, routing.slot_pos, w, handle)
+    # Each backend finds a slot's place from topk_idx itself (the kernels do it per
+    # token in the receive, with no extra XLA pass).
+    return backends.low_latency_impl(meta).ll_combine_send(
+        expert_out, topk_idx.astype(jnp.int32), topk_weights.astype(jnp.float32), handle)
 
 
 def low_latency_combine_recv(pending: LowLatencyPending) -> jax.Array:

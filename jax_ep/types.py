@@ -118,6 +118,7 @@ class LowLatencyMeta:
     round_scale: bool
     backend: str
     buffer_id: int = 0
+    zero_padding: bool = True
 
     @property
     def local_experts(self) -> int:

@@ -25,6 +25,7 @@ class LLCfg:
     fp8: bool = True
     round_scale: bool = False
     split: bool = False  # use the _send/_recv halves
+    zero_padding: bool = True
 
 
 def run_ll(setup, cfg: LLCfg, x, idx, w, eo):
@@ -33,7 +34,7 @@ def run_ll(setup, cfg: LLCfg, x, idx, w, eo):
     def body(xx, ii, ww, ee):
         kw = dict(num_experts=cfg.num_experts, axis_name=setup.axis_name,
                   max_tokens_per_rank=cfg.max_tokens_per_rank, fp8=cfg.fp8,
-                  round_scale=cfg.round_scale)
+                  round_scale=cfg.round_scale, zero_padding=cfg.zero_padding)
         if cfg.split:
             r = jax_ep.low_latency_dispatch_recv(jax_ep.low_latency_dispatch_send(xx, ii, **kw))
             y = jax_ep.low_latency_combine_recv(
@@ -41,6 +42,7 @@ def run_ll(setup, cfg: LLCfg, x, idx, w, eo):
         else:
             r = jax_ep.low_latency_dispatch(xx, ii, **kw)
             y = jax_ep.low_latency_combine(ee, ii, ww, r.handle)
+        assert r.handle.meta.zero_padding is cfg.zero_padding  # reaches the backend
         return dict(x=r.x, count=r.count, y=y)
 
     return H.ep_call(setup, ("ll", cfg), body, x, idx, w, eo)
@@ -102,6 +104,15 @@ def test_send_recv_halves_match(fp8):
     b = check_ll(S1, dataclasses.replace(cfg, split=True), 3, 2, 128, "distinct", 8)
     for k in ("count", "y"):
         H.assert_bits_equal(a[k], b[k], k)
+
+
+@pytest.mark.parametrize("fp8", [True, False])
+def test_padding_unset_keeps_the_rows_that_count(fp8):
+    """zero_padding=False reaches the backend (it decides what the padding holds);
+    the xla backend zeroes it anyway, so everything matches the oracle."""
+    cfg = LLCfg(num_experts=16, max_tokens_per_rank=4, fp8=fp8, zero_padding=False)
+    check_ll(S1, cfg, 3, 2, 128, "mixed", 5)
+    check_ll(S1, dataclasses.replace(cfg, split=True), 3, 2, 128, "mixed", 5)
 
 
 def test_overlap_runs_compute_between_halves():

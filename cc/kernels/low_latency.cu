@@ -94,32 +94,126 @@ __device__ __forceinline__ void copy_units(char* dst, const char* src, int n16) 
   }
 }
 
+// A token's routing, lane k holding top-k slot k (lanes k >= K: nothing): the
+// rule of the dispatch's sender routing (jax_ep.routing.sender_routing) with
+// no capacity. Ids outside [0, E) are no slot; the first slot holding an id
+// makes the row (row = the id, else -1); sp = dest * Kl + i, i = the number of
+// the token's distinct valid experts on rank dest with a lower id (repeats of
+// an id share its slot), -1 for no slot.
+struct TokenRoute {
+  int row, sp;
+};
+__device__ __forceinline__ TokenRoute route_token(const int32_t* ids, int K, int E, int El, int Kl) {
+  const int lane = lane_id();
+  int e = lane < K ? ids[lane] : -1;
+  if (e < 0 || e >= E) e = -1;
+  bool first = e >= 0;
+  for (int j = 0; j < K; ++j) {
+    const int ej = __shfl_sync(0xffffffffu, e, j);
+    if (j < lane && ej == e) first = false;
+  }
+  const int dest = e >= 0 ? e / El : -1;
+  int i = 0;
+  for (int j = 0; j < K; ++j) {
+    const int ej = __shfl_sync(0xffffffffu, e, j);
+    const bool fj = __shfl_sync(0xffffffffu, first, j);
+    if (fj && ej / El == dest && ej < e) ++i;
+  }
+  return {first ? e : -1, e >= 0 ? dest * Kl + i : -1};
+}
+
+// topk_idx ([n] ints) copied into this block's dynamic shared memory when the
+// launch gave it room (kIdsSmem bytes at most), else read where it is.
+constexpr size_t kIdsSmem = 48 * 1024;
+__device__ __forceinline__ const int32_t* stage_ids(const int32_t* g, int n) {
+  extern __shared__ int4 ids_smem[];
+  unsigned room;
+  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(room));
+  if (static_cast<size_t>(n) * sizeof(int32_t) > room) return g;
+  int32_t* sm = reinterpret_cast<int32_t*>(ids_smem);
+  for (int i = threadIdx.x; i < n; i += blockDim.x) sm[i] = g[i];
+  __syncthreads();
+  return sm;
+}
+
+// Whether token `ids` (K ids) holds expert e (e valid).
+__device__ __forceinline__ bool token_has(const int32_t* ids, int K, int e) {
+  bool hit = false;
+  for (int k = 0; k < K; ++k) hit |= ids[k] == e;
+  return hit;
+}
+
+// Lane k's rank of token t among the tokens before it that hold expert `row`
+// (lane k's row, -1: none): lanes take 32 earlier tokens at a time.
+__device__ __forceinline__ int rank_before(const int32_t* topk_idx, int t, int K, int row) {
+  const int lane = lane_id();
+  int rank = 0;
+  for (int t0 = 0; t0 < t; t0 += 32) {
+    const int tt = t0 + lane;
+    int ids[kMaxTopK];
+#pragma unroll
+    for (int k = 0; k < kMaxTopK; ++k) ids[k] = tt < t && k < K ? topk_idx[tt * K + k] : -1;
+    for (int k = 0; k < K; ++k) {
+      const int ek = __shfl_sync(0xffffffffu, row, k);
+      bool hit = false;
+#pragma unroll
+      for (int k2 = 0; k2 < kMaxTopK; ++k2) hit |= ek >= 0 && ids[k2] == ek;
+      const int n = __popc(__ballot_sync(0xffffffffu, hit));
+      if (lane == k) rank += n;
+    }
+  }
+  return rank;
+}
+
 // ------------------------------------------------------------ dispatch send
 
-template <bool kShmem>
+// kLocal (one rank, launch_ll_dispatch_local): no messages; each row is written
+// straight into its packed place in the output (the rank of the token among
+// those of its expert), with its scales and src_rows entry, and the call closes.
+template <bool kShmem, bool kLocal = false>
 __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(LLDispatchSendArgs a) {
+  static_assert(!(kShmem && kLocal), "the one-rank path moves no message");
+  constexpr int kData = kLocal ? 0 : kHeader;  // where a row's data starts at dst[k]
   const CallCtx& c = a.c;
   const LowLatencyShape& s = a.s;
   const uint32_t epoch = current_epoch(c);
   const int lane = lane_id(), units = s.H / kUnit;
+  const size_t row_bytes = s.fp8 ? static_cast<size_t>(s.H) : 2 * static_cast<size_t>(s.H);
   const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(a.x);
   const int chunks = (units + kChunk - 1) / kChunk;
   const RowSplit split(s.T, chunks);
+  const int32_t* ids = stage_ids(a.topk_idx, s.T * s.K);
   for (int t = split.first; t < s.T; t += split.slots) {
-    // Where each row of this token goes: a message slot on its expert's rank
-    // (piece 0 writes the headers). With NVSHMEM the header waits in staging and
-    // every payload is written once.
+    // Lane k finds slot k's row (its expert, -1: none), slot_pos and rank among
+    // this rank's tokens of the expert from topk_idx; piece 0 writes the
+    // handle's slot_pos (and with kLocal the token's src_rows, -1 where unused).
+    const TokenRoute r = route_token(ids + static_cast<size_t>(t) * s.K, s.K, s.E, s.El, s.Kl);
+    const int rank_l = rank_before(ids, t, s.K, r.row);
+    if (split.part == 0) {
+      if (lane < s.K) a.slot_pos_out[t * s.K + lane] = r.sp;
+      if constexpr (kLocal) {
+        const int nrows = __popc(__ballot_sync(0xffffffffu, r.row >= 0));
+        if (r.row >= 0) a.src_rows[t * s.Kl + r.sp] = r.row * s.M + rank_l;  // one rank: sp = i
+        if (lane >= nrows && lane < s.Kl) a.src_rows[t * s.Kl + lane] = -1;
+      }
+    }
+    // Where each row goes: kLocal its packed place in the output, else a message
+    // slot on its expert's rank (piece 0 writes the headers; with NVSHMEM the
+    // header waits in staging and every payload is written once).
     char* stage = kShmem ? c.peers.base[c.rank] + c.off.ll_send + t * ll_stage_stride(s.H) : nullptr;
     char* dst[kMaxTopK];
 #pragma unroll
     for (int k = 0; k < kMaxTopK; ++k) {
       char* d = nullptr;
-      const int e = k < s.K ? a.row_idx[t * s.K + k] : -1;
+      const int e = __shfl_sync(0xffffffffu, r.row, k), rank = __shfl_sync(0xffffffffu, rank_l, k);
       if (e >= 0) {
-        d = ll_slot(c, s, kShmem ? c.rank : e / s.El, e % s.El, c.rank, a.slot_rank[t * s.K + k], epoch);
-        if (lane == 0 && split.part == 0) {
-          const int sp = a.slot_pos[t * s.K + k];
-          *reinterpret_cast<int4*>(kShmem ? stage + k * kHeader : d) = make_int4(t, sp % s.Kl, 0, 0);
+        if constexpr (kLocal) {
+          d = static_cast<char*>(a.out_x) + static_cast<size_t>(e * s.M + rank) * row_bytes;
+        } else {
+          d = ll_slot(c, s, kShmem ? c.rank : e / s.El, e % s.El, c.rank, rank, epoch);
+          const int i = __shfl_sync(0xffffffffu, r.sp, k) % s.Kl;
+          if (lane == 0 && split.part == 0)
+            *reinterpret_cast<int4*>(kShmem ? stage + k * kHeader : d) = make_int4(t, i, 0, 0);
         }
       }
       dst[k] = d;
@@ -150,9 +244,13 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(LLDispatchSe
 #pragma unroll
             for (int k = 0; k < kMaxTopK; ++k) {
               if (dst[k] == nullptr) continue;
-              reinterpret_cast<uint2*>(dst[k] + kHeader)[u] = q;
-              if (u % kUnitsPerBlock == 0)
-                reinterpret_cast<float*>(dst[k] + kHeader + s.H)[u / kUnitsPerBlock] = scale;
+              reinterpret_cast<uint2*>(dst[k] + kData)[u] = q;
+              if (u % kUnitsPerBlock == 0) {
+                // kLocal: the output row is dst's offset over H (FP8 rows are H bytes)
+                float* sc = kLocal ? a.out_scales + (dst[k] - static_cast<char*>(a.out_x)) / s.H * (s.H / 128)
+                                   : reinterpret_cast<float*>(dst[k] + kHeader + s.H);
+                sc[u / kUnitsPerBlock] = scale;
+              }
             }
           }
         } else if (active) {
@@ -161,7 +259,7 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(LLDispatchSe
           } else {
 #pragma unroll
             for (int k = 0; k < kMaxTopK; ++k)
-              if (dst[k] != nullptr) raw[j].store(dst[k] + kHeader + static_cast<size_t>(u) * 16);
+              if (dst[k] != nullptr) raw[j].store(dst[k] + kData + static_cast<size_t>(u) * 16);
           }
         }
       }
@@ -172,8 +270,8 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(LLDispatchSe
       const size_t unit_bytes = s.fp8 ? 8 : 16;
 #pragma unroll
       for (int k = 0; k < kMaxTopK; ++k) {
+        const int pe = __shfl_sync(0xffffffffu, r.row, k) / s.El;
         if (dst[k] == nullptr) continue;
-        const int pe = a.row_idx[t * s.K + k] / s.El;
         if (split.parts == 1) {  // the whole payload (data, then the FP8 scales) in one put
           const size_t bytes = units * unit_bytes + (s.fp8 ? (s.H / 128) * sizeof(float) : 0);
           nvshmemx_putmem_nbi_warp(dst[k] + kHeader, payload, bytes, pe);
@@ -197,13 +295,29 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(LLDispatchSe
 #ifdef JAX_EP_WITH_NVSHMEM
   if constexpr (kShmem) quiet_block();
 #endif
+  // count[e], the tokens holding expert e: one warp per expert, lanes over the
+  // tokens (kLocal: the output's count; else what the last block publishes)
+  const int G = gridDim.x * kWarps, gw = blockIdx.x * kWarps + warp_id();
+  for (int e = gw; e < s.E; e += G) {
+    int n = 0;
+    for (int tt = lane; tt < s.T; tt += 32) n += token_has(ids + static_cast<size_t>(tt) * s.K, s.K, e);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) n += __shfl_xor_sync(0xffffffffu, n, off);
+    if (lane == 0) a.count_out[e] = n;
+  }
+  if constexpr (kLocal) {  // src_rows of the slots past T
+    for (int j = s.T * s.Kl + blockIdx.x * blockDim.x + threadIdx.x; j < s.M * s.Kl; j += gridDim.x * blockDim.x)
+      a.src_rows[j] = -1;
+    close_call(c, c.control + kCtlDoneRecv, epoch, a.epoch_out);
+    return;
+  }
   // Publish the per-expert counts once every block's messages are visible.
   if (last_block_done(c.control + kCtlDoneSend)) {
     // A signal put to a P2P peer is a plain store: release every block's messages
     // at system scope first (the peer path's stores release by themselves).
     if constexpr (kShmem) __threadfence_system();
     for (int e = threadIdx.x; e < s.E; e += blockDim.x) {
-      const uint64_t word = (static_cast<uint64_t>(epoch) << 32) | count_low(a.counts[e], c.sig);
+      const uint64_t word = (static_cast<uint64_t>(epoch) << 32) | count_low(__ldcg(a.count_out + e), c.sig);
 #ifdef JAX_EP_WITH_NVSHMEM
       if constexpr (kShmem) {
         nvshmemx_signal_op(ll_count_word(c, c.rank, e % s.El, c.rank), word, NVSHMEM_SIGNAL_SET, e / s.El);
@@ -259,7 +373,7 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_recv_kernel(LLDispatchRe
     if (split.part == 0 && lane == 0) a.count[el] = total;
     char* out = static_cast<char*>(a.out_x) + static_cast<size_t>(el) * rows * row_bytes;
     float* scales = s.fp8 ? a.out_scales + static_cast<size_t>(el) * rows * (s.H / 128) : nullptr;
-    for (int p = split.part; p < total; p += split.parts) {  // the rest was zeroed before the launch
+    for (int p = split.part; p < total; p += split.parts) {  // the rest: zeroed before the launch, or left
       // the source holding packed row p: the number of sources that end at or before p
       const int src = __popc(__ballot_sync(0xffffffffu, lane < R && end0 <= p)) +
                       __popc(__ballot_sync(0xffffffffu, lane + 32 < R && end1 <= p));
@@ -332,23 +446,28 @@ __global__ void __launch_bounds__(kThreads) ll_combine_send_kernel(LLCombineSend
 
 // ------------------------------------------------------------ combine recv
 
+// kLocal (one rank): slot k of token t is expert_out's row src_rows[t, i].
+template <bool kLocal>
 __global__ void __launch_bounds__(kThreads) ll_combine_recv_kernel(LLCombineRecvArgs a) {
   const CallCtx& c = a.c;
   const LowLatencyShape& s = a.s;
   const uint32_t epoch = current_epoch(c);
   const int lane = lane_id(), units = s.H / kUnit;
-  wait_all(c, kPhaseLowLatencyCombineWait, epoch);
+  if constexpr (!kLocal) wait_all(c, kPhaseLowLatencyCombineWait, epoch);
   const RowSplit split(s.T, kMaxParts);
   const int per = ((units + split.parts - 1) / split.parts + 31) / 32 * 32;  // units of a piece
   const int u_lo = split.part * per, u_hi = min(units, u_lo + per);
   for (int t = split.first; t < s.T; t += split.slots) {
-    const int sp_l = lane < s.K ? a.slot_pos[t * s.K + lane] : -1;
+    // Lane k finds slot k's place once (kLocal: then its row of expert_out, one
+    // more dependent load); every lane gets all K by shuffles.
+    int ref_l = route_token(a.topk_idx + static_cast<size_t>(t) * s.K, s.K, s.E, s.El, s.Kl).sp;
     const float w_l = lane < s.K ? a.weights[t * s.K + lane] : 0.f;
-    int sp[kMaxTopK];
+    if (kLocal && ref_l >= 0) ref_l = a.src_rows[t * s.Kl + ref_l % s.Kl];
+    int ref[kMaxTopK];
     float w[kMaxTopK];
 #pragma unroll
     for (int k = 0; k < kMaxTopK; ++k) {
-      sp[k] = __shfl_sync(0xffffffffu, sp_l, k);
+      ref[k] = __shfl_sync(0xffffffffu, ref_l, k);
       w[k] = __shfl_sync(0xffffffffu, w_l, k);
     }
     __nv_bfloat16* y = static_cast<__nv_bfloat16*>(a.y) + static_cast<size_t>(t) * s.H;
@@ -358,9 +477,11 @@ __global__ void __launch_bounds__(kThreads) ll_combine_recv_kernel(LLCombineRecv
       for (int j = 0; j < kUnit; ++j) acc[j] = -0.f;  // the additive identity
 #pragma unroll
       for (int k = 0; k < kMaxTopK; ++k) {  // top-k order
-        if (sp[k] < 0) continue;
+        if (ref[k] < 0) continue;
         float v[kUnit];
-        const __nv_bfloat16* slot = ll_comb_slot(c, s, c.rank, sp[k] / s.Kl, t, sp[k] % s.Kl, epoch);
+        const __nv_bfloat16* slot =
+            kLocal ? static_cast<const __nv_bfloat16*>(a.expert_out) + static_cast<size_t>(ref[k]) * s.H
+                   : ll_comb_slot(c, s, c.rank, ref[k] / s.Kl, t, ref[k] % s.Kl, epoch);
         Vec<__nv_bfloat16>::load(__ldcg(reinterpret_cast<const int4*>(slot) + u), v);
 #pragma unroll
         for (int j = 0; j < kUnit; ++j) acc[j] = __fadd_rn(acc[j], __fmul_rn(w[k], v[j]));
@@ -372,9 +493,16 @@ __global__ void __launch_bounds__(kThreads) ll_combine_recv_kernel(LLCombineRecv
 }
 
 template <typename F, typename A>
-cudaError_t launch(F kernel, int grid, cudaStream_t stream, const A& args) {
-  kernel<<<grid, kThreads, 0, stream>>>(args);
+cudaError_t launch(F kernel, int grid, cudaStream_t stream, const A& args, size_t smem = 0) {
+  kernel<<<grid, kThreads, smem, stream>>>(args);
   return cudaGetLastError();
+}
+
+// Every block keeps its own copy of topk_idx in shared memory when it fits the
+// default 48 KB (T * K ints), for the routing's many reads.
+size_t ids_smem_bytes(const LowLatencyShape& s) {
+  const size_t ids = static_cast<size_t>(s.T) * s.K * sizeof(int32_t);
+  return ids <= kIdsSmem ? ids : 0;
 }
 
 #ifdef JAX_EP_WITH_NVSHMEM
@@ -386,25 +514,39 @@ constexpr bool kNvshmemBuilt = false;
 // A send kernel in the build of the Buffer's transport (NVSHMEM Buffers cannot be
 // made without NVSHMEM in the build; the check only keeps a stray call safe).
 template <typename A>
-cudaError_t launch_send(void (*peer)(A), void (*shmem)(A), const A& a, cudaStream_t stream) {
-  if (a.c.transport != kTransportNvshmem) return launch(peer, a.num_sms, stream, a);
+cudaError_t launch_send(void (*peer)(A), void (*shmem)(A), const A& a, cudaStream_t stream, size_t smem = 0) {
+  if (a.c.transport != kTransportNvshmem) return launch(peer, a.num_sms, stream, a, smem);
   if (!kNvshmemBuilt) return cudaErrorNotSupported;
-  return launch(shmem, a.num_sms, stream, a);
+  return launch(shmem, a.num_sms, stream, a, smem);
 }
 
 }  // namespace
 
 cudaError_t launch_ll_dispatch_send(const LLDispatchSendArgs& a, cudaStream_t stream) {
-  return launch_send(ll_dispatch_send_kernel<false>, ll_dispatch_send_kernel<true>, a, stream);
+  return launch_send(ll_dispatch_send_kernel<false>, ll_dispatch_send_kernel<true>, a, stream, ids_smem_bytes(a.s));
+}
+
+cudaError_t launch_ll_dispatch_local(const LLDispatchSendArgs& a, cudaStream_t stream) {
+  if (a.c.nranks != 1) return cudaErrorInvalidValue;
+  const size_t rows = static_cast<size_t>(a.s.El) * a.s.M;
+  cudaError_t e = cudaSuccess;  // the kernel writes every src_rows entry
+  if (a.zero_padding)
+    e = cudaMemsetAsync(a.out_x, 0, rows * (a.s.fp8 ? 1 : 2) * a.s.H, stream);
+  if (e == cudaSuccess && a.zero_padding && a.out_scales != nullptr)
+    e = cudaMemsetAsync(a.out_scales, 0, rows * (a.s.H / 128) * sizeof(float), stream);
+  if (e != cudaSuccess) return e;
+  return launch(ll_dispatch_send_kernel<false, true>, a.num_sms, stream, a, ids_smem_bytes(a.s));
 }
 
 cudaError_t launch_ll_dispatch_recv(const LLDispatchRecvArgs& a, cudaStream_t stream) {
   const size_t rows = static_cast<size_t>(a.s.El) * a.c.nranks * a.s.M;
   const size_t n = static_cast<size_t>(a.c.nranks) * a.s.M * a.s.Kl * sizeof(int32_t);
   cudaError_t e = cudaMemsetAsync(a.src_rows, 0xff, n, stream);  // -1: no row
-  // Rows past each expert's count are zero (DESIGN 3.2); the kernel fills the rest.
-  if (e == cudaSuccess) e = cudaMemsetAsync(a.out_x, 0, rows * (a.s.fp8 ? 1 : 2) * a.s.H, stream);
-  if (e == cudaSuccess && a.out_scales != nullptr)
+  // Rows past each expert's count are zero (DESIGN 3.2) unless the caller let
+  // them be anything; the kernel fills the rest.
+  if (e == cudaSuccess && a.zero_padding)
+    e = cudaMemsetAsync(a.out_x, 0, rows * (a.s.fp8 ? 1 : 2) * a.s.H, stream);
+  if (e == cudaSuccess && a.zero_padding && a.out_scales != nullptr)
     e = cudaMemsetAsync(a.out_scales, 0, rows * (a.s.H / 128) * sizeof(float), stream);
   if (e != cudaSuccess) return e;
   return launch(ll_dispatch_recv_kernel, a.num_sms, stream, a);
@@ -415,7 +557,12 @@ cudaError_t launch_ll_combine_send(const LLCombineSendArgs& a, cudaStream_t stre
 }
 
 cudaError_t launch_ll_combine_recv(const LLCombineRecvArgs& a, cudaStream_t stream) {
-  return launch(ll_combine_recv_kernel, a.num_sms, stream, a);
+  return launch(ll_combine_recv_kernel<false>, a.num_sms, stream, a);
+}
+
+cudaError_t launch_ll_combine_local(const LLCombineRecvArgs& a, cudaStream_t stream) {
+  if (a.c.nranks != 1) return cudaErrorInvalidValue;
+  return launch(ll_combine_recv_kernel<true>, a.num_sms, stream, a);
 }
 
 }  // namespace jax_ep

@@ -13,7 +13,13 @@
 //   combine_send    each packed row goes back unreduced to slot (rank, t, i)
 //                   of its source's half (N+1)&1; then every rank is signalled.
 //   combine_recv    wait for every rank, sum each token's slots in top-k
-//                   order with its weights in float32, round once to BF16.
+//                   order with its weights in float32, round once to BF16
+//                   (a token's slots come from its topk_idx, found by one
+//                   warp with shuffles: the sender routing of the dispatch).
+// With one rank nothing moves between ranks: dispatch runs as one kernel
+// (dispatch_local) that writes each row straight into its packed place in the
+// output, and combine as one (combine_local) that sums the expert rows where
+// they are, found through src_rows.
 // Fixed worst-case slots make every message's place known to the sender, so
 // no slot is ever cleaned: epochs tell fresh words from stale ones.
 //
@@ -42,12 +48,17 @@ struct LLDispatchSendArgs {
   CallCtx c;
   LowLatencyShape s;
   int num_sms;
-  const void* x;             // bf16 [T, H]
-  const int32_t* row_idx;    // [T, K] global expert per row slot, -1 none
-  const int32_t* slot_rank;  // [T, K] rank of the token among this rank's tokens of the expert
-  const int32_t* slot_pos;   // [T, K] dest * Kl + i
-  const int32_t* counts;     // [E] tokens this rank sends to each expert
+  const void* x;            // bf16 [T, H]
+  const int32_t* topk_idx;  // [T, K]: the kernel routes each token (sender_routing's rule)
+  int32_t* slot_pos_out;    // [T, K] dest * Kl + i, -1 none (the handle's)
+  int32_t* count_out;       // [E] tokens this rank sends to each expert (one rank: [El], an output)
   int32_t* epoch_out;
+  // One rank (launch_ll_dispatch_local): the kernel writes the outputs of the
+  // receive, and no receive runs.
+  void* out_x;        // [El, M, H] fp8 or bf16
+  float* out_scales;  // [El, M, H/128] or null
+  int32_t* src_rows;  // [1, M, Kl]
+  bool zero_padding;
 };
 
 struct LLDispatchRecvArgs {
@@ -59,6 +70,7 @@ struct LLDispatchRecvArgs {
   int32_t* count;     // [El]
   int32_t* src_rows;  // [R, M, Kl]
   int32_t* epoch_out;
+  bool zero_padding;  // rows past each expert's count (and their scales) are zeroed
 };
 
 struct LLCombineSendArgs {
@@ -74,15 +86,21 @@ struct LLCombineRecvArgs {
   CallCtx c;
   LowLatencyShape s;
   int num_sms;
-  const int32_t* slot_pos;  // [T, K]
-  const float* weights;     // [T, K] (0 where slot_pos < 0)
+  const int32_t* topk_idx;  // [T, K] as given to combine (the slots are found per token)
+  const float* weights;     // [T, K] as given (read only where the id is valid)
   void* y;                  // bf16 [T, H]
   int32_t* epoch_out;
+  // One rank (launch_ll_combine_local): the rows are read where the experts
+  // wrote them, through the dispatch's src_rows, and no combine send runs.
+  const void* expert_out;   // bf16 [El, M, H]
+  const int32_t* src_rows;  // [1, M, Kl]
 };
 
 cudaError_t launch_ll_dispatch_send(const LLDispatchSendArgs& a, cudaStream_t stream);
 cudaError_t launch_ll_dispatch_recv(const LLDispatchRecvArgs& a, cudaStream_t stream);
+cudaError_t launch_ll_dispatch_local(const LLDispatchSendArgs& a, cudaStream_t stream);
 cudaError_t launch_ll_combine_send(const LLCombineSendArgs& a, cudaStream_t stream);
 cudaError_t launch_ll_combine_recv(const LLCombineRecvArgs& a, cudaStream_t stream);
+cudaError_t launch_ll_combine_local(const LLCombineRecvArgs& a, cudaStream_t stream);
 
 }  // namespace jax_ep

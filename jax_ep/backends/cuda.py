@@ -278,51 +278,75 @@ def _ll_attrs(meta):
                 max_tokens=_i64(meta.max_tokens_per_rank), num_sms=_i64(config_lib.low_latency_sms()))
 
 
-def ll_dispatch_send(x, row_idx, slot_pos, meta):
-    """Issue the messages; the pending value holds the call's epoch."""
-    E = meta.num_experts
-    picks = jnp.any(row_idx[..., None] == jnp.arange(E, dtype=jnp.int32), axis=1).astype(jnp.int32)
-    before = jnp.cumsum(picks, axis=0) - picks  # rank of the token among this rank's tokens of e
-    slot_rank = jnp.where(row_idx >= 0, jnp.take_along_axis(before, jnp.maximum(row_idx, 0), axis=1), 0)
-    counts = jnp.sum(picks, axis=0, dtype=jnp.int32)
-    call = jax.ffi.ffi_call("jax_ep_ll_dispatch_send", (_sds((1,), jnp.int32),), has_side_effect=True)
-    (epoch,) = call(x.astype(jnp.bfloat16), row_idx, slot_rank.astype(jnp.int32), slot_pos, counts,
-                    fp8=_i64(meta.fp8), round_scale=_i64(meta.round_scale), **_ll_attrs(meta))
-    return LowLatencyPending((like_inputs(epoch, x),), slot_pos, meta, Stage("dispatch"))
+def ll_dispatch_send(x, topk_idx, routing, meta):
+    """Issue the messages; the pending value holds the call's epoch. The kernels
+    route the tokens themselves (`routing`, the XLA form, is left unused)."""
+    attrs = dict(fp8=_i64(meta.fp8), round_scale=_i64(meta.round_scale), **_ll_attrs(meta))
+    slot_pos_s = _sds(topk_idx.shape, jnp.int32)
+    if meta.num_ranks == 1:
+        # One rank: no message moves; one kernel writes what the receive would,
+        # and the receive only unpacks it.
+        shapes = _ll_recv_shapes(meta)[:4] + (slot_pos_s, _sds((1,), jnp.int32))
+        call = jax.ffi.ffi_call("jax_ep_ll_dispatch_local", shapes, has_side_effect=True)
+        outs = call(x.astype(jnp.bfloat16), topk_idx, zero_padding=_i64(meta.zero_padding), **attrs)
+        xo, scales, count, src_rows, slot_pos, epoch = like_inputs(outs, x, topk_idx)
+        return LowLatencyPending((xo, scales, count, src_rows, epoch), slot_pos, meta, Stage("dispatch"))
+    shapes = (slot_pos_s, _sds((meta.num_experts,), jnp.int32), _sds((1,), jnp.int32))
+    call = jax.ffi.ffi_call("jax_ep_ll_dispatch_send", shapes, has_side_effect=True)
+    slot_pos, _, epoch = like_inputs(call(x.astype(jnp.bfloat16), topk_idx, **attrs), x, topk_idx)
+    return LowLatencyPending((epoch,), slot_pos, meta, Stage("dispatch"))
 
 
-def ll_dispatch_recv(pending):
-    meta = pending.meta
+def _ll_recv_shapes(meta):
+    """x, scales, count, src_rows, epoch of a low-latency dispatch."""
     R, El, M, H = meta.num_ranks, meta.local_experts, meta.max_tokens_per_rank, meta.hidden
     dtype = fp8_lib.DTYPE if meta.fp8 else jnp.bfloat16
-    shapes = (
+    return (
         _sds((El, R * M, H), dtype),
         _sds((El, R * M, H // fp8_lib.BLOCK) if meta.fp8 else (0,), jnp.float32),
         _sds((El,), jnp.int32),
         _sds((R, M, meta.local_slots), jnp.int32),
         _sds((1,), jnp.int32),
     )
-    call = jax.ffi.ffi_call("jax_ep_ll_dispatch_recv", shapes, has_side_effect=True)
-    x, scales, count, src_rows, epoch = like_inputs(
-        call(pending.arrays[0], fp8=_i64(meta.fp8), round_scale=_i64(meta.round_scale),
-             **_ll_attrs(meta)), pending.arrays[0])
+
+
+def ll_dispatch_recv(pending):
+    meta = pending.meta
+    if len(pending.arrays) == 5:  # ll_dispatch_send wrote it all
+        x, scales, count, src_rows, epoch = pending.arrays
+    else:
+        call = jax.ffi.ffi_call("jax_ep_ll_dispatch_recv", _ll_recv_shapes(meta), has_side_effect=True)
+        x, scales, count, src_rows, epoch = like_inputs(
+            call(pending.arrays[0], fp8=_i64(meta.fp8), round_scale=_i64(meta.round_scale),
+                 zero_padding=_i64(meta.zero_padding), **_ll_attrs(meta)), pending.arrays[0])
     out = fp8_lib.Fp8Array(x, scales) if meta.fp8 else x
     return LowLatencyOutput(out, count, LowLatencyHandle(src_rows, pending.aux, epoch, meta))
 
 
-def ll_combine_send(expert_out, slot_pos, weights, handle):
+def ll_combine_send(expert_out, topk_idx, weights, handle):
+    """The receive finds each slot from topk_idx (per token, in the kernel)."""
     meta = handle.meta
+    if meta.num_ranks == 1:
+        # One rank: no row leaves the GPU, so nothing is sent; the receive sums
+        # the expert rows where they are (one kernel, no copy into the slots).
+        return LowLatencyPending((expert_out, handle.src_rows, handle.epoch), (topk_idx, weights), meta,
+                                 Stage("combine"))
     call = jax.ffi.ffi_call("jax_ep_ll_combine_send", (_sds((1,), jnp.int32),), has_side_effect=True)
     (epoch,) = call(expert_out, handle.src_rows, handle.epoch, **_ll_attrs(meta))
     epoch = like_inputs(epoch, expert_out, handle.src_rows)
-    return LowLatencyPending((epoch,), (slot_pos, weights), meta, Stage("combine"))
+    return LowLatencyPending((epoch,), (topk_idx, weights), meta, Stage("combine"))
 
 
 def ll_combine_recv(pending):
-    (epoch,) = pending.arrays
-    slot_pos, weights = pending.aux
+    topk_idx, weights = pending.aux
     meta = pending.meta
-    shapes = (_sds((slot_pos.shape[0], meta.hidden), jnp.bfloat16), _sds((1,), jnp.int32))
+    shapes = (_sds((topk_idx.shape[0], meta.hidden), jnp.bfloat16), _sds((1,), jnp.int32))
+    if len(pending.arrays) == 3:
+        call = jax.ffi.ffi_call("jax_ep_ll_combine_local", shapes, has_side_effect=True)
+        y, _ = like_inputs(call(*pending.arrays, topk_idx, weights, **_ll_attrs(meta)),
+                           *pending.arrays, topk_idx, weights)
+        return y
+    (epoch,) = pending.arrays
     call = jax.ffi.ffi_call("jax_ep_ll_combine_recv", shapes, has_side_effect=True)
-    y, _ = like_inputs(call(epoch, slot_pos, weights, **_ll_attrs(meta)), epoch, slot_pos, weights)
+    y, _ = like_inputs(call(epoch, topk_idx, weights, **_ll_attrs(meta)), epoch, topk_idx, weights)
     return y

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .. import fp8 as fp8_lib
-from ..routing import SenderRouting
+from ..routing import SenderRouting, sender_routing
 from ..types import (DispatchHandle, LowLatencyHandle, LowLatencyOutput, LowLatencyPending,
                      RoutingMeta, Stage)
 from ..vma import like_inputs
@@ -249,8 +249,9 @@ def redispatch(y: jax.Array, handle: DispatchHandle, num_sms: Optional[int] = No
 # ---------------------------------------------------------------- low latency
 
 
-def ll_dispatch_send(x, row_idx, slot_pos, meta):
+def ll_dispatch_send(x, topk_idx, routing, meta):
     """Pad to M tokens and move each token once to every rank it has rows on."""
+    row_idx, slot_pos = routing.row_idx, routing.slot_pos
     R, El, M = meta.num_ranks, meta.local_experts, meta.max_tokens_per_rank
     T = x.shape[0]
     pad = M - T
@@ -294,9 +295,13 @@ def ll_dispatch_recv(pending):
     return LowLatencyOutput(x, jnp.sum(cnt, axis=1), handle)
 
 
-def ll_combine_send(expert_out, slot_pos, weights, handle):
+def ll_combine_send(expert_out, topk_idx, topk_weights, handle):
     """Send every expert row back to its token, unreduced (top-k order is summed there)."""
     meta = handle.meta
+    routing = sender_routing(topk_idx, topk_weights, num_experts=meta.num_experts,
+                             num_ranks=meta.num_ranks, capacity=0, layout="experts")
+    slot_pos = routing.slot_pos
+    weights = jnp.where(slot_pos >= 0, topk_weights, 0.0)
     R, El, M, H = meta.num_ranks, meta.local_experts, meta.max_tokens_per_rank, meta.hidden
     src = handle.src_rows  # [R, M, Kl]
     flat_out = expert_out.reshape(El * R * M, -1)

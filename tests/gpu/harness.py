@@ -76,20 +76,22 @@ def buffer(hidden: int = 256, tokens: int = 128, experts: int = 32, top_k: int =
 _FNS: Dict[Tuple, Callable] = {}
 
 
-def _runner(mesh: Mesh, key, body: Callable, nargs: int):
+def _runner(mesh: Mesh, key, body: Callable, nargs: int, compiler_options=None):
     k = (id(mesh), key)
     if k not in _FNS:
         def per_rank(*a):
             return jax.tree.map(lambda v: jnp.reshape(v, (1, *jnp.shape(v))), body(*a))
 
         _FNS[k] = jax.jit(jax.shard_map(per_rank, mesh=mesh, in_specs=(P(AXIS),) * nargs,
-                                        out_specs=P(AXIS)))
+                                        out_specs=P(AXIS)), compiler_options=compiler_options)
     return _FNS[k]
 
 
-def run_gpu(key, body: Callable, *global_args):
+def run_gpu(key, body: Callable, *global_args, compiler_options=None):
     """This process's outputs of body(*per-rank args) on the GPU ranks: one rank's with the
-    leading axis dropped, or several ranks' stacked."""
+    leading axis dropped, or several ranks' stacked. compiler_options: XLA options of the
+    compilation (e.g. {"xla_gpu_graph_min_graph_size": 1}: a command buffer however few
+    kernels the step has)."""
     mesh = gpu_mesh()
     mine, n = local_ranks(), mesh.size
     args = []
@@ -98,7 +100,7 @@ def run_gpu(key, body: Callable, *global_args):
         local = g.reshape(n, -1, *g.shape[1:])[mine].reshape(-1, *g.shape[1:])
         args.append(jax.make_array_from_process_local_data(NamedSharding(mesh, P(AXIS)), local,
                                                            g.shape))
-    out = _runner(mesh, key, body, len(args))(*args)
+    out = _runner(mesh, key, body, len(args), compiler_options)(*args)
 
     def local_rows(a):
         shards = sorted(a.addressable_shards, key=lambda s: s.index[0].start or 0)
