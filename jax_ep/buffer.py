@@ -80,7 +80,7 @@ class Layout:
             # combine slots: one BF16 row per (expert rank, token, local slot < min(K, E/R))
             comb = up(R * m * kr * H * 2)
             half += [("ll_recv", up(el * R * m * msg)), ("ll_comb", comb)]
-            local += [("ll_count", up(el * R * 8))]
+            local += [("ll_count", up(2 * el * R * 8))]  # two sets, by the call's parity
             if self.transport == "nvshmem":  # staging that puts read from
                 # per token: 16 headers of 16 bytes (kMaxTopK x kHeader), then the message
                 local += [("ll_send", up(m * (msg + 16 * 16))), ("ll_comb_send", comb)]

@@ -49,8 +49,15 @@ __device__ __forceinline__ char* ll_slot(const CallCtx& c, const LowLatencyShape
          ((static_cast<size_t>(el) * c.nranks + src) * s.M + j) * msg_stride(s.H);
 }
 
-__device__ __forceinline__ uint64_t* ll_count_word(const CallCtx& c, int owner, int el, int src) {
-  return reinterpret_cast<uint64_t*>(c.peers.base[owner] + c.off.ll_count) + el * c.nranks + src;
+// Count word (local expert el, source src) of rank `owner` for a call of `epoch`:
+// two sets, by the epoch's parity, so a source that finished call N and went on
+// to send N+1 never overwrites a word of call N that `owner` has yet to read
+// (a source gets at most one call ahead: its receive of N+1 waits for owner's
+// send of N+1, which follows owner's receive of N).
+__device__ __forceinline__ uint64_t* ll_count_word(const CallCtx& c, const LowLatencyShape& s, int owner,
+                                                   int el, int src, uint32_t epoch) {
+  return reinterpret_cast<uint64_t*>(c.peers.base[owner] + c.off.ll_count) +
+         ((static_cast<size_t>(epoch & 1u) * s.El + el) * c.nranks + src);
 }
 
 // Slot (expert rank r, token t, i) of rank `owner`'s combine half: one BF16 row.
@@ -124,7 +131,7 @@ __device__ __forceinline__ TokenRoute route_token(const int32_t* ids, int K, int
 
 // topk_idx ([n] ints) copied into this block's dynamic shared memory when the
 // launch gave it room (kIdsSmem bytes at most), else read where it is.
-constexpr size_t kIdsSmem = 48 * 1024;
+constexpr size_t kIdsSmem = 32 * 1024;  // well inside the 48 KB a block has without opting in
 __device__ __forceinline__ const int32_t* stage_ids(const int32_t* g, int n) {
   extern __shared__ int4 ids_smem[];
   unsigned room;
@@ -167,10 +174,20 @@ __device__ __forceinline__ int rank_before(const int32_t* topk_idx, int t, int K
 
 // ------------------------------------------------------------ dispatch send
 
+// Units base + 32 j + lane (j < kU) of a row, those below `units`.
+__device__ __forceinline__ void load_piece(RawUnit<16> (&raw)[kU], const char* row, int base, int units) {
+  const int lane = lane_id();
+#pragma unroll
+  for (int j = 0; j < kU; ++j)
+    if (base + 32 * j + lane < units) raw[j].load(row + static_cast<size_t>(base + 32 * j + lane) * 16);
+}
+
+// kMaxK: the largest K the instance serves (8 or kMaxTopK; fewer row pointers to
+// hold for the common top-8).
 // kLocal (one rank, launch_ll_dispatch_local): no messages; each row is written
 // straight into its packed place in the output (the rank of the token among
 // those of its expert), with its scales and src_rows entry, and the call closes.
-template <bool kShmem, bool kLocal = false>
+template <bool kShmem, bool kLocal, int kMaxK>
 __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(LLDispatchSendArgs a) {
   static_assert(!(kShmem && kLocal), "the one-rank path moves no message");
   constexpr int kData = kLocal ? 0 : kHeader;  // where a row's data starts at dst[k]
@@ -184,6 +201,10 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(LLDispatchSe
   const RowSplit split(s.T, chunks);
   const int32_t* ids = stage_ids(a.topk_idx, s.T * s.K);
   for (int t = split.first; t < s.T; t += split.slots) {
+    // The first piece of the row is in flight while the token is routed.
+    const char* row = reinterpret_cast<const char*>(x + static_cast<size_t>(t) * s.H);
+    RawUnit<16> raw[kU];
+    load_piece(raw, row, split.part * kChunk, units);
     // Lane k finds slot k's row (its expert, -1: none), slot_pos and rank among
     // this rank's tokens of the expert from topk_idx; piece 0 writes the
     // handle's slot_pos (and with kLocal the token's src_rows, -1 where unused).
@@ -201,9 +222,9 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(LLDispatchSe
     // slot on its expert's rank (piece 0 writes the headers; with NVSHMEM the
     // header waits in staging and every payload is written once).
     char* stage = kShmem ? c.peers.base[c.rank] + c.off.ll_send + t * ll_stage_stride(s.H) : nullptr;
-    char* dst[kMaxTopK];
+    char* dst[kMaxK];
 #pragma unroll
-    for (int k = 0; k < kMaxTopK; ++k) {
+    for (int k = 0; k < kMaxK; ++k) {
       char* d = nullptr;
       const int e = __shfl_sync(0xffffffffu, r.row, k), rank = __shfl_sync(0xffffffffu, rank_l, k);
       if (e >= 0) {
@@ -219,14 +240,10 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(LLDispatchSe
       dst[k] = d;
     }
     char* payload = kShmem ? stage + kMaxTopK * kHeader : nullptr;
-    const char* row = reinterpret_cast<const char*>(x + static_cast<size_t>(t) * s.H);
     // kU units per lane are loaded before any is sent; the loop is warp-uniform
     // (the FP8 scale is shared by the 16 lanes of a block through shuffles).
     for (int base = split.part * kChunk; base < units; base += split.parts * kChunk) {
-      RawUnit<16> raw[kU];
-#pragma unroll
-      for (int j = 0; j < kU; ++j)
-        if (base + 32 * j + lane < units) raw[j].load(row + static_cast<size_t>(base + 32 * j + lane) * 16);
+      if (base != split.part * kChunk) load_piece(raw, row, base, units);
 #pragma unroll
       for (int j = 0; j < kU; ++j) {
         const int u = base + 32 * j + lane;
@@ -242,7 +259,7 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(LLDispatchSe
             if (u % kUnitsPerBlock == 0) reinterpret_cast<float*>(payload + s.H)[u / kUnitsPerBlock] = scale;
           } else {
 #pragma unroll
-            for (int k = 0; k < kMaxTopK; ++k) {
+            for (int k = 0; k < kMaxK; ++k) {
               if (dst[k] == nullptr) continue;
               reinterpret_cast<uint2*>(dst[k] + kData)[u] = q;
               if (u % kUnitsPerBlock == 0) {
@@ -258,7 +275,7 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(LLDispatchSe
             raw[j].store(payload + static_cast<size_t>(u) * 16);
           } else {
 #pragma unroll
-            for (int k = 0; k < kMaxTopK; ++k)
+            for (int k = 0; k < kMaxK; ++k)
               if (dst[k] != nullptr) raw[j].store(dst[k] + kData + static_cast<size_t>(u) * 16);
           }
         }
@@ -269,7 +286,7 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(LLDispatchSe
       __syncwarp();
       const size_t unit_bytes = s.fp8 ? 8 : 16;
 #pragma unroll
-      for (int k = 0; k < kMaxTopK; ++k) {
+      for (int k = 0; k < kMaxK; ++k) {
         const int pe = __shfl_sync(0xffffffffu, r.row, k) / s.El;
         if (dst[k] == nullptr) continue;
         if (split.parts == 1) {  // the whole payload (data, then the FP8 scales) in one put
@@ -297,7 +314,8 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(LLDispatchSe
 #endif
   // count[e], the tokens holding expert e: one warp per expert, lanes over the
   // tokens (kLocal: the output's count; else what the last block publishes)
-  const int G = gridDim.x * kWarps, gw = blockIdx.x * kWarps + warp_id();
+  // (the last warps of the grid first: those the tokens left idle)
+  const int G = gridDim.x * kWarps, gw = G - 1 - (blockIdx.x * kWarps + warp_id());
   for (int e = gw; e < s.E; e += G) {
     int n = 0;
     for (int tt = lane; tt < s.T; tt += 32) n += token_has(ids + static_cast<size_t>(tt) * s.K, s.K, e);
@@ -320,11 +338,11 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(LLDispatchSe
       const uint64_t word = (static_cast<uint64_t>(epoch) << 32) | count_low(__ldcg(a.count_out + e), c.sig);
 #ifdef JAX_EP_WITH_NVSHMEM
       if constexpr (kShmem) {
-        nvshmemx_signal_op(ll_count_word(c, c.rank, e % s.El, c.rank), word, NVSHMEM_SIGNAL_SET, e / s.El);
+        nvshmemx_signal_op(ll_count_word(c, s, c.rank, e % s.El, c.rank, epoch), word, NVSHMEM_SIGNAL_SET, e / s.El);
         continue;
       }
 #endif
-      st_release_sys64(ll_count_word(c, e / s.El, e % s.El, c.rank), word);
+      st_release_sys64(ll_count_word(c, s, e / s.El, e % s.El, c.rank, epoch), word);
     }
     if (threadIdx.x == 0) *a.epoch_out = static_cast<int32_t>(epoch);
   }
@@ -334,8 +352,9 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(LLDispatchSe
 
 // The count src published for expert el in epoch `want` (tag in the high
 // half; the low half holds the count and 12 bits of the call's signature).
-__device__ __forceinline__ uint32_t wait_count(const CallCtx& c, int el, int src, uint32_t want) {
-  const uint64_t* p = ll_count_word(c, c.rank, el, src);
+__device__ __forceinline__ uint32_t wait_count(const CallCtx& c, const LowLatencyShape& s, int el, int src,
+                                               uint32_t want) {
+  const uint64_t* p = ll_count_word(c, s, c.rank, el, src, want);
   const uint64_t word = wait_until<uint64_t>(
       c, kPhaseLowLatencyDispatchWait, src, want, [=] { return ld_acquire_sys64(p); },
       [](uint64_t w) { return static_cast<uint32_t>(w >> 32); });
@@ -359,8 +378,8 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_recv_kernel(LLDispatchRe
   const RowSplit split(s.El, kMaxParts);
   for (int el = split.first; el < s.El; el += split.slots) {
     // A corrupt count never reaches past its source's M slots.
-    const int n0 = lane < R ? min(static_cast<int>(wait_count(c, el, lane, epoch)), s.M) : 0;
-    const int n1 = lane + 32 < R ? min(static_cast<int>(wait_count(c, el, lane + 32, epoch)), s.M) : 0;
+    const int n0 = lane < R ? min(static_cast<int>(wait_count(c, s, el, lane, epoch)), s.M) : 0;
+    const int n1 = lane + 32 < R ? min(static_cast<int>(wait_count(c, s, el, lane + 32, epoch)), s.M) : 0;
     __syncwarp();  // every lane's acquire orders the messages before any lane reads them
     int end0 = n0, end1 = n1;  // inclusive prefix sums over sources
 #pragma unroll
@@ -386,7 +405,8 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_recv_kernel(LLDispatchRe
         const float* sc = reinterpret_cast<const float*>(msg + kHeader + s.H);
         for (int j = lane; j < s.H / 128; j += 32) scales[static_cast<size_t>(p) * (s.H / 128) + j] = __ldcg(sc + j);
       }
-      if (lane == 0) a.src_rows[(static_cast<size_t>(src) * s.M + head.x) * s.Kl + head.y] = el * rows + p;
+      if (lane == 0 && head.x >= 0 && head.x < s.M && head.y >= 0 && head.y < s.Kl)  // never past src_rows
+        a.src_rows[(static_cast<size_t>(src) * s.M + head.x) * s.Kl + head.y] = el * rows + p;
     }
   }
   close_call(c, c.control + kCtlDoneRecv, epoch, a.epoch_out);
@@ -498,8 +518,8 @@ cudaError_t launch(F kernel, int grid, cudaStream_t stream, const A& args, size_
   return cudaGetLastError();
 }
 
-// Every block keeps its own copy of topk_idx in shared memory when it fits the
-// default 48 KB (T * K ints), for the routing's many reads.
+// Every block keeps its own copy of topk_idx in shared memory when it fits
+// kIdsSmem (T * K ints), for the routing's many reads.
 size_t ids_smem_bytes(const LowLatencyShape& s) {
   const size_t ids = static_cast<size_t>(s.T) * s.K * sizeof(int32_t);
   return ids <= kIdsSmem ? ids : 0;
@@ -523,7 +543,11 @@ cudaError_t launch_send(void (*peer)(A), void (*shmem)(A), const A& a, cudaStrea
 }  // namespace
 
 cudaError_t launch_ll_dispatch_send(const LLDispatchSendArgs& a, cudaStream_t stream) {
-  return launch_send(ll_dispatch_send_kernel<false>, ll_dispatch_send_kernel<true>, a, stream, ids_smem_bytes(a.s));
+  if (a.s.K <= 8)
+    return launch_send(ll_dispatch_send_kernel<false, false, 8>, ll_dispatch_send_kernel<true, false, 8>, a,
+                       stream, ids_smem_bytes(a.s));
+  return launch_send(ll_dispatch_send_kernel<false, false, kMaxTopK>, ll_dispatch_send_kernel<true, false, kMaxTopK>,
+                     a, stream, ids_smem_bytes(a.s));
 }
 
 cudaError_t launch_ll_dispatch_local(const LLDispatchSendArgs& a, cudaStream_t stream) {
@@ -535,7 +559,8 @@ cudaError_t launch_ll_dispatch_local(const LLDispatchSendArgs& a, cudaStream_t s
   if (e == cudaSuccess && a.zero_padding && a.out_scales != nullptr)
     e = cudaMemsetAsync(a.out_scales, 0, rows * (a.s.H / 128) * sizeof(float), stream);
   if (e != cudaSuccess) return e;
-  return launch(ll_dispatch_send_kernel<false, true>, a.num_sms, stream, a, ids_smem_bytes(a.s));
+  return launch(a.s.K <= 8 ? ll_dispatch_send_kernel<false, true, 8> : ll_dispatch_send_kernel<false, true, kMaxTopK>,
+                a.num_sms, stream, a, ids_smem_bytes(a.s));
 }
 
 cudaError_t launch_ll_dispatch_recv(const LLDispatchRecvArgs& a, cudaStream_t stream) {

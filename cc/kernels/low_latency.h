@@ -6,7 +6,9 @@
 //                   slot (local expert, s, j) of the owner's half N&1, where j
 //                   is the token's rank among s's tokens of that expert. The
 //                   last block then publishes, per expert, the 64-bit word
-//                   (N << 32 | count) with a release store. No SM waits.
+//                   (N << 32 | count) with a release store, into the owner's
+//                   count words of parity N&1 (so back-to-back dispatches
+//                   never overwrite a word not yet read). No SM waits.
 //   dispatch_recv   per local expert: wait for the R count words of epoch N,
 //                   pack the slots in (source rank, token) order into the XLA
 //                   output, record each row in src_rows, close the call.
