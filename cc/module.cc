@@ -130,7 +130,7 @@ NB_MODULE(_ext, m) {
         const jax_ep::FaultRecord& f = state(id, device)->fault();
         if (f.flag != 2) return nb::none();
         nb::dict d;
-        d["kind"] = f.kind == jax_ep::kFaultMismatch ? "mismatch" : "timeout";
+        d["kind"] = f.kind == jax_ep::kFaultMismatch ? "mismatch" : f.kind == jax_ep::kFaultOrder ? "order" : "timeout";
         d["rank"] = f.rank;
         d["phase"] = f.phase;
         d["peer"] = f.peer;
@@ -138,7 +138,7 @@ NB_MODULE(_ext, m) {
         d["want"] = f.want;
         return d;
       },
-      "The timeout record of a buffer, or None.");
+      "The fault record of a buffer (timeout, mismatch or order), or None.");
 
   m.def(
       "resources",

@@ -28,6 +28,8 @@ const char* phase_name(uint32_t p) {
     case kPhaseRedispatchWait: return "combine backward (waiting for a sender's rows)";
     case kPhaseLowLatencyDispatchWait: return "low_latency_dispatch_recv";
     case kPhaseLowLatencyCombineWait: return "low_latency_combine_recv";
+    case kPhaseLowLatencyDispatchSend: return "low_latency_dispatch_send";
+    case kPhaseLowLatencyCombineSend: return "low_latency_combine_send";
     default: return "unknown";
   }
 }
@@ -174,7 +176,14 @@ void BufferState::watch() {
     std::this_thread::sleep_for(20ms);
     volatile FaultRecord* f = fault_host_;
     if (f->flag != 2) continue;
-    if (f->kind == kFaultMismatch) {
+    if (f->kind == kFaultOrder) {
+      std::fprintf(stderr,
+                   "jax_ep: ORDER on rank %u: %s began while the previous low-latency send on this "
+                   "Buffer (call %u) had not been received. Each *_send must be followed by its "
+                   "*_recv before the next send on the Buffer; inside one jitted function XLA orders "
+                   "calls only by data, so chain independent calls (lax.optimization_barrier).\n",
+                   f->rank, phase_name(f->phase), f->seen);
+    } else if (f->kind == kFaultMismatch) {
       std::fprintf(stderr,
                    "jax_ep: MISMATCH on rank %u: %s: rank %u made a different call (call signature "
                    "%08x, this rank's %08x). Every rank of the group must make the same jax_ep calls, "

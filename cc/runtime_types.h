@@ -16,6 +16,7 @@ enum ControlWord : int {
   kCtlDoneSend = 2,
   kCtlDoneRecv = 3,
   kCtlDoneExpand = 4,
+  kCtlSendOpen = 5,    // epoch of the last low-latency send, until its receive closes the call
   kCtlWords = 64,
 };
 
@@ -26,12 +27,15 @@ enum Phase : uint32_t {
   kPhaseRedispatchWait = 3,
   kPhaseLowLatencyDispatchWait = 4,
   kPhaseLowLatencyCombineWait = 5,
+  kPhaseLowLatencyDispatchSend = 6,
+  kPhaseLowLatencyCombineSend = 7,
 };
 
 // What a fault record reports.
 enum FaultKind : uint32_t {
   kFaultTimeout = 1,   // a peer's signal never came: seen/want are epochs
   kFaultMismatch = 2,  // a peer made a different call: seen/want are call signatures
+  kFaultOrder = 3,     // a send began before the previous send's receive: seen/want = that epoch
 };
 
 // Written by a kernel that hit its deadline or saw a peer make a different

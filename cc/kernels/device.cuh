@@ -46,18 +46,24 @@ __device__ __forceinline__ bool epoch_reached(uint32_t a, uint32_t b) {
 
 // Record why this rank gave up and stop the kernel. The watchdog of the
 // Buffer reads the record from host-mapped memory and names rank and phase.
+// One thread writes the record; any other that fails at the same time waits
+// until it is complete, since a trap ends the whole grid, the writer included.
 __device__ __forceinline__ void fail(const CallCtx& c, uint32_t kind, uint32_t phase, uint32_t peer,
                                      uint32_t seen, uint32_t want) {
   FaultRecord* f = c.fault;
-  if (f != nullptr && atomicCAS(&f->flag, 0u, 1u) == 0u) {
-    f->kind = kind;
-    f->rank = c.rank;
-    f->phase = phase;
-    f->peer = peer;
-    f->seen = seen;
-    f->want = want;
-    __threadfence_system();
-    st_release_sys(&f->flag, 2u);
+  if (f != nullptr) {
+    if (atomicCAS(&f->flag, 0u, 1u) == 0u) {
+      f->kind = kind;
+      f->rank = c.rank;
+      f->phase = phase;
+      f->peer = peer;
+      f->seen = seen;
+      f->want = want;
+      __threadfence_system();
+      st_release_sys(&f->flag, 2u);
+    } else {
+      while (ld_acquire_sys(&f->flag) != 2u) __nanosleep(256);
+    }
   }
   __trap();
 }
@@ -153,6 +159,18 @@ __device__ __forceinline__ void close_call(const CallCtx& c, uint32_t* counter, 
     c.control[kCtlEpoch] = epoch;
     *epoch_out = static_cast<int32_t>(epoch);
   }
+}
+
+// A low-latency send of `epoch`: fail if the previous send on this Buffer had the
+// same epoch, i.e. its receive has not closed that call yet (two sends in a row:
+// their messages would share slots and count words). Every block checks at its
+// start; the last block marks the send open (mark_send_open).
+__device__ __forceinline__ void check_send_order(const CallCtx& c, uint32_t phase, uint32_t epoch) {
+  if (*reinterpret_cast<volatile uint32_t*>(c.control + kCtlSendOpen) == epoch)
+    fail(c, kFaultOrder, phase, c.rank, epoch, epoch);
+}
+__device__ __forceinline__ void mark_send_open(const CallCtx& c, uint32_t epoch) {
+  c.control[kCtlSendOpen] = epoch;
 }
 
 // The epoch of the call now running: one past the last completed call.

@@ -194,6 +194,7 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(LLDispatchSe
   const CallCtx& c = a.c;
   const LowLatencyShape& s = a.s;
   const uint32_t epoch = current_epoch(c);
+  if constexpr (!kLocal) check_send_order(c, kPhaseLowLatencyDispatchSend, epoch);
   const int lane = lane_id(), units = s.H / kUnit;
   const size_t row_bytes = s.fp8 ? static_cast<size_t>(s.H) : 2 * static_cast<size_t>(s.H);
   const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(a.x);
@@ -344,7 +345,10 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(LLDispatchSe
 #endif
       st_release_sys64(ll_count_word(c, s, e / s.El, e % s.El, c.rank, epoch), word);
     }
-    if (threadIdx.x == 0) *a.epoch_out = static_cast<int32_t>(epoch);
+    if (threadIdx.x == 0) {
+      mark_send_open(c, epoch);
+      *a.epoch_out = static_cast<int32_t>(epoch);
+    }
   }
 }
 
@@ -437,6 +441,7 @@ __global__ void __launch_bounds__(kThreads) ll_combine_send_kernel(LLCombineSend
   const CallCtx& c = a.c;
   const LowLatencyShape& s = a.s;
   const uint32_t epoch = current_epoch(c);
+  check_send_order(c, kPhaseLowLatencyCombineSend, epoch);
   const int units = s.H / kUnit;
   const __nv_bfloat16* eo = static_cast<const __nv_bfloat16*>(a.expert_out);
   const int n = c.nranks * s.M * s.Kl;
@@ -460,6 +465,7 @@ __global__ void __launch_bounds__(kThreads) ll_combine_send_kernel(LLCombineSend
 #endif
   if (last_block_done(c.control + kCtlDoneSend) && threadIdx.x == 0) {
     signal_ranks<kShmem>(c, epoch);
+    mark_send_open(c, epoch);
     *a.epoch_out = static_cast<int32_t>(epoch);
   }
 }

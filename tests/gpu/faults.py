@@ -9,6 +9,8 @@ hidden    the ranks call dispatch with different hidden sizes: a MISMATCH error.
 capacity  the ranks call dispatch with different capacity factors: a MISMATCH error.
 layout    rank 0 dispatches in the experts layout, rank 1 in the tokens layout: a MISMATCH.
 config    the ranks create their Buffers with different hidden sizes: an error at creation.
+order     every rank issues two low-latency dispatch sends before either receive (calls
+          XLA may order that way when nothing joins them): an ORDER error, not a hang.
 ok        every rank makes the same calls: exits 0 (the control).
 
 Each rank prints `[faults] SCENARIO rank R start T` (wall seconds) before the call
@@ -91,6 +93,17 @@ def main(scenario: str) -> int:
     elif scenario == "layout":
         start(scenario)
         dispatch_combine("l", layout="experts" if rank == 0 else "tokens")
+    elif scenario == "order":
+        def two_sends(x, idx):
+            kw = dict(num_experts=E, axis_name=AXIS, max_tokens_per_rank=T, backend="cuda")
+            p1 = jax_ep.low_latency_dispatch_send(x, idx, **kw)
+            p1, x2 = jax.lax.optimization_barrier((p1, x * 2))  # the second send before the first recv
+            p2 = jax_ep.low_latency_dispatch_send(x2, idx, **kw)
+            p1, p2 = jax.lax.optimization_barrier((p1, p2))
+            return jax_ep.low_latency_dispatch_recv(p1).count, jax_ep.low_latency_dispatch_recv(p2).count
+
+        start(scenario)
+        run_gpu(("order",), two_sends, *inputs())
     else:
         print(f"unknown scenario {scenario}", file=sys.stderr)
         return 2

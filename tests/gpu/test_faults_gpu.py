@@ -72,6 +72,15 @@ def test_different_calls_are_a_mismatch(scenario):
     assert not left, f"processes left behind: {left}"
 
 
+def test_two_sends_in_a_row_are_an_order_error():
+    rc, out, to_error, left = _run("order")
+    assert rc != 0
+    assert re.search(r"ORDER on rank [01]: low_latency_dispatch_send began while the previous", out), out[-3000:]
+    assert to_error is not None and to_error < DEADLINE_S + 20  # found at the second send
+    assert "the call returned" not in out
+    assert not left, f"processes left behind: {left}"
+
+
 def test_config_disagreement_fails_at_creation():
     rc, out, _, left = _run("config")
     assert rc != 0
