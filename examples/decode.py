@@ -63,6 +63,7 @@ def moe_decode(moe: MoE, x: jax.Array) -> jax.Array:
             return jax_ep.low_latency_dispatch_send(
                 x, r.topk_idx, num_experts=moe.num_experts, axis_name="ep",
                 max_tokens_per_rank=x.shape[0], fp8=moe.fp8, backend=moe.backend,
+                zero_padding=False,  # ll_experts masks the rows past count[e]
             )
 
         def shared_expert(t):

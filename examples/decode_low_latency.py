@@ -119,8 +119,9 @@ def moe_layer(x, p: Params, *, split: bool, num_experts: int, top_k: int, fp8: b
     expert (`jax_ep.overlap`); split=False: the fused calls.
     """
     idx, w = route(x, p.router, top_k)
+    # local_experts masks the rows past count[e], so the dispatch need not zero them
     kw = dict(num_experts=num_experts, axis_name=AXIS, max_tokens_per_rank=x.shape[0], fp8=fp8,
-              backend=backend)
+              backend=backend, zero_padding=False)
     if split:
         def dispatch_send():
             return jax_ep.low_latency_dispatch_send(x, idx, **kw)

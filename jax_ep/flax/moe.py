@@ -293,6 +293,7 @@ class MoE(nnx.Module):
                 x, r.topk_idx, num_experts=self.num_experts, axis_name=self.ep_axis,
                 max_tokens_per_rank=self.ll_max_tokens or x.shape[0], fp8=self.fp8,
                 buffer=self.buffer, backend=self.backend,
+                zero_padding=False,  # ll_experts masks the rows past count[e]
             )
 
         def shared_experts(t):
@@ -325,7 +326,8 @@ def ll_experts(got: jax_ep.LowLatencyOutput, w_gate_up: jax.Array, w_down: jax.A
     """Local experts on the low-latency layout: bfloat16 [E_local, R*M, H].
 
     One batched matmul per projection over the [E_local, R*M, H] slots; rows
-    past `count[e]` are set to zero (they are never read by the combine).
+    past `count[e]` (zero, or whatever a `zero_padding=False` dispatch left there) are
+    set to zero (the combine never reads them).
     """
     x = got.x.dequantize(jnp.bfloat16) if isinstance(got.x, jax_ep.Fp8Array) else got.x
     x = x.astype(jnp.bfloat16)
