@@ -324,6 +324,21 @@ def test_cli_normal_eight_devices(tmp_path, capsys):
     assert lim["rows_out_max"] == lim["rows_tok_max"]  # tokens layout
 
 
+def test_cli_low_latency_padding_unset(tmp_path, capsys):
+    """--padding unset: the dispatch and round-trip rows say so and run with
+    zero_padding=False (the combine alone is the same call either way)."""
+    js = tmp_path / "ll.json"
+    rc = bench.main(["low-latency", "--devices", "2", "--tokens", "4", "--hidden", "128",
+                     "--experts", "8", "--top-k", "2", "--backends", "xla", "--timer", "wall", *FAST,
+                     "--padding", "unset", "--json", str(js)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    rows = {r["workload"]: r for r in _load(js)["rows"]}
+    assert set(rows) == {"dispatch fp8 T=4, padding unset", "round trip fp8 T=4, padding unset",
+                         "combine bf16 T=4"}
+    assert all(r["zero_padding"] is False and r["check"] == "ref" for r in rows.values())
+
+
 def test_cli_low_latency(tmp_path, capsys):
     js, png = tmp_path / "ll.json", tmp_path / "ll.png"
     rc = bench.main(["low-latency", "--devices", "1", "--tokens", "4", "--hidden", "128",
