@@ -531,6 +531,13 @@ size_t ids_smem_bytes(const LowLatencyShape& s) {
   return ids <= kIdsSmem ? ids : 0;
 }
 
+// Zero `rows` rows of a dispatch output (FP8 or BF16 data, and the FP8 scales).
+cudaError_t zero_rows(void* x, float* scales, size_t rows, const LowLatencyShape& s, cudaStream_t stream) {
+  cudaError_t e = cudaMemsetAsync(x, 0, rows * (s.fp8 ? 1 : 2) * s.H, stream);
+  if (e == cudaSuccess && scales != nullptr) e = cudaMemsetAsync(scales, 0, rows * (s.H / 128) * sizeof(float), stream);
+  return e;
+}
+
 #ifdef JAX_EP_WITH_NVSHMEM
 constexpr bool kNvshmemBuilt = true;
 #else
@@ -557,28 +564,23 @@ cudaError_t launch_ll_dispatch_send(const LLDispatchSendArgs& a, cudaStream_t st
 }
 
 cudaError_t launch_ll_dispatch_local(const LLDispatchSendArgs& a, cudaStream_t stream) {
-  if (a.c.nranks != 1) return cudaErrorInvalidValue;
-  const size_t rows = static_cast<size_t>(a.s.El) * a.s.M;
-  cudaError_t e = cudaSuccess;  // the kernel writes every src_rows entry
-  if (a.zero_padding)
-    e = cudaMemsetAsync(a.out_x, 0, rows * (a.s.fp8 ? 1 : 2) * a.s.H, stream);
-  if (e == cudaSuccess && a.zero_padding && a.out_scales != nullptr)
-    e = cudaMemsetAsync(a.out_scales, 0, rows * (a.s.H / 128) * sizeof(float), stream);
-  if (e != cudaSuccess) return e;
+  // the kernel writes every src_rows entry
+  if (a.zero_padding) {
+    if (const cudaError_t e = zero_rows(a.out_x, a.out_scales, static_cast<size_t>(a.s.El) * a.s.M, a.s, stream);
+        e != cudaSuccess)
+      return e;
+  }
   return launch(a.s.K <= 8 ? ll_dispatch_send_kernel<false, true, 8> : ll_dispatch_send_kernel<false, true, kMaxTopK>,
                 a.num_sms, stream, a, ids_smem_bytes(a.s));
 }
 
 cudaError_t launch_ll_dispatch_recv(const LLDispatchRecvArgs& a, cudaStream_t stream) {
-  const size_t rows = static_cast<size_t>(a.s.El) * a.c.nranks * a.s.M;
   const size_t n = static_cast<size_t>(a.c.nranks) * a.s.M * a.s.Kl * sizeof(int32_t);
   cudaError_t e = cudaMemsetAsync(a.src_rows, 0xff, n, stream);  // -1: no row
   // Rows past each expert's count are zero (DESIGN 3.2) unless the caller let
   // them be anything; the kernel fills the rest.
   if (e == cudaSuccess && a.zero_padding)
-    e = cudaMemsetAsync(a.out_x, 0, rows * (a.s.fp8 ? 1 : 2) * a.s.H, stream);
-  if (e == cudaSuccess && a.zero_padding && a.out_scales != nullptr)
-    e = cudaMemsetAsync(a.out_scales, 0, rows * (a.s.H / 128) * sizeof(float), stream);
+    e = zero_rows(a.out_x, a.out_scales, static_cast<size_t>(a.s.El) * a.c.nranks * a.s.M, a.s, stream);
   if (e != cudaSuccess) return e;
   return launch(ll_dispatch_recv_kernel, a.num_sms, stream, a);
 }
@@ -592,7 +594,6 @@ cudaError_t launch_ll_combine_recv(const LLCombineRecvArgs& a, cudaStream_t stre
 }
 
 cudaError_t launch_ll_combine_local(const LLCombineRecvArgs& a, cudaStream_t stream) {
-  if (a.c.nranks != 1) return cudaErrorInvalidValue;
   return launch(ll_combine_recv_kernel<true>, a.num_sms, stream, a);
 }
 
