@@ -42,6 +42,11 @@ jax_ep::Offsets offsets_from(const nb::dict& d) {
   o.ll_count = get("ll_count");
   o.ll_send = get("ll_send");
   o.ll_comb_send = get("ll_comb_send");
+  o.rdma_recv = get("rdma_recv0");
+  o.comb_fwd = get("comb_fwd0");
+  o.vals_fwd = get("vals_fwd0");
+  o.fwd_tag = get("fwd_tag0");
+  o.rdma_flag = get("rdma_flag");
   return o;
 }
 
@@ -84,16 +89,20 @@ NB_MODULE(_ext, m) {
   m.def(
       "create",
       [](uint64_t id, int device, int rank, int nranks, int max_tokens, nb::dict offsets,
-         double timeout_s, int transport) {
+         double timeout_s, int transport, int num_nodes) {
         const size_t total = nb::cast<size_t>(offsets["total"]);
         jax_ep::add_state(std::make_unique<BufferState>(id, device, rank, nranks, max_tokens, total,
-                                                        offsets_from(offsets), timeout_s, transport));
+                                                        offsets_from(offsets), timeout_s, transport,
+                                                        num_nodes));
       },
       nb::arg("buffer_id"), nb::arg("device"), nb::arg("rank"), nb::arg("nranks"),
       nb::arg("max_tokens"), nb::arg("offsets"), nb::arg("timeout_s"), nb::arg("transport") = 0,
+      nb::arg("num_nodes") = 1,
       "Allocate this device's communication memory of a buffer: device memory mapped by "
       "its peers (transport 0), or NVSHMEM symmetric memory (transport 1, collective: every "
-      "PE calls it, in the same order, and the group is already connected).");
+      "PE calls it, in the same order, and the group is already connected). num_nodes > 1 "
+      "(NVSHMEM only): ranks are grouped into that many nodes; the kernels store only into "
+      "the ranks of their own node and reach the other nodes by puts.");
 
   m.def(
       "ipc_handle", [](uint64_t id, int device) { return nb::bytes(state(id, device)->ipc_handle().data(), 64); },

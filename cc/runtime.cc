@@ -30,6 +30,7 @@ const char* phase_name(uint32_t p) {
     case kPhaseLowLatencyCombineWait: return "low_latency_combine_recv";
     case kPhaseLowLatencyDispatchSend: return "low_latency_dispatch_send";
     case kPhaseLowLatencyCombineSend: return "low_latency_combine_send";
+    case kPhaseCombineForward: return "combine (forwarding a node's partial sums)";
     default: return "unknown";
   }
 }
@@ -46,14 +47,22 @@ struct DeviceGuard {
 }  // namespace
 
 BufferState::BufferState(uint64_t id, int device, int rank, int nranks, int max_tokens,
-                         size_t bytes, const Offsets& off, double timeout_s, int transport)
+                         size_t bytes, const Offsets& off, double timeout_s, int transport,
+                         int num_nodes)
     : id_(id), device_(device), rank_(rank), nranks_(nranks), max_tokens_(max_tokens),
-      bytes_(bytes), off_(off), timeout_ns_(static_cast<uint64_t>(timeout_s * 1e9)),
+      num_nodes_(num_nodes), bytes_(bytes), off_(off), timeout_ns_(static_cast<uint64_t>(timeout_s * 1e9)),
       transport_(transport) {
   if (nranks < 1 || nranks > kMaxRanks)
     throw std::invalid_argument("jax_ep: an EP group has 1.." + std::to_string(kMaxRanks) + " ranks");
   if (transport != kTransportPeer && transport != kTransportNvshmem)
     throw std::invalid_argument("jax_ep: unknown transport " + std::to_string(transport));
+  if (num_nodes < 1 || nranks % num_nodes)
+    throw std::invalid_argument("jax_ep: " + std::to_string(num_nodes) + " nodes do not divide " +
+                                std::to_string(nranks) + " ranks");
+  if (num_nodes > 1 && transport != kTransportNvshmem)
+    throw std::invalid_argument("jax_ep: a Buffer over several nodes needs the NVSHMEM transport");
+  if (num_nodes > 1 && off.rdma_flag == 0)
+    throw std::invalid_argument("jax_ep: a Buffer over several nodes needs its internode regions");
   DeviceGuard guard(device);
   if (transport == kTransportNvshmem) {
     // Symmetric memory: the same offsets on every PE; PE r is EP rank r.
@@ -77,8 +86,12 @@ BufferState::BufferState(uint64_t id, int device, int rank, int nranks, int max_
   if (transport == kTransportNvshmem) {
     // Peers a load or store reaches (NVLink, the same GPU) get their pointer, for the
     // normal-mode kernels; the low-latency kernels put through NVSHMEM either way.
+    // Over several nodes only this node's ranks do: the kernels reach the others
+    // by puts alone, also where (simulated nodes on one GPU) a pointer would exist.
+    const int local = nranks_ / num_nodes_;
     for (int r = 0; r < nranks_; ++r)
-      if (r != rank_) peers_[r] = static_cast<char*>(nvshmem_peer_pointer(base_, r));
+      if (r != rank_ && r / local == rank_ / local)
+        peers_[r] = static_cast<char*>(nvshmem_peer_pointer(base_, r));
     connected_ = true;
   }
   watchdog_ = std::thread([this] { watch(); });
@@ -146,8 +159,9 @@ void BufferState::connect(const std::vector<std::string>& handles,
 }
 
 bool BufferState::maps_every_rank(int* missing) const {
+  const int local = nranks_ / num_nodes_;
   for (int r = 0; r < nranks_; ++r)
-    if (peers_[r] == nullptr) {
+    if (r / local == rank_ / local && peers_[r] == nullptr) {
       *missing = r;
       return false;
     }
@@ -165,6 +179,8 @@ CallCtx BufferState::ctx() const {
   c.fault = fault_dev_;
   c.timeout_ns = timeout_ns_;
   c.transport = transport_;
+  c.nodes = num_nodes_;
+  c.local_size = nranks_ / num_nodes_;
   return c;
 }
 

@@ -28,7 +28,8 @@ void check_cuda(cudaError_t err, const char* what);
 class BufferState {
  public:
   BufferState(uint64_t id, int device, int rank, int nranks, int max_tokens, size_t bytes,
-              const Offsets& off, double timeout_s, int transport = kTransportPeer);
+              const Offsets& off, double timeout_s, int transport = kTransportPeer,
+              int num_nodes = 1);
   ~BufferState();
   BufferState(const BufferState&) = delete;
   BufferState& operator=(const BufferState&) = delete;
@@ -49,15 +50,18 @@ class BufferState {
   int max_tokens() const { return max_tokens_; }
   char* base() const { return base_; }
   bool connected() const { return connected_; }
-  // Every rank's memory is reachable by loads and stores (false for an NVSHMEM
-  // Buffer with ranks that only puts reach); the first such rank in `*missing`.
+  int num_nodes() const { return num_nodes_; }
+  // Every rank the normal-mode kernels store into is reachable by loads and stores:
+  // every rank of the group, or on a Buffer of several nodes every rank of this
+  // one (false for an NVSHMEM Buffer whose ranks only puts reach); the first rank
+  // that is not in `*missing`.
   bool maps_every_rank(int* missing) const;
 
  private:
   void watch();
 
   uint64_t id_;
-  int device_, rank_, nranks_, max_tokens_;
+  int device_, rank_, nranks_, max_tokens_, num_nodes_;
   size_t bytes_;
   Offsets off_;
   uint64_t timeout_ns_;

@@ -17,6 +17,7 @@ enum ControlWord : int {
   kCtlDoneRecv = 3,
   kCtlDoneExpand = 4,
   kCtlSendOpen = 5,    // epoch of the last low-latency send, until its receive closes the call
+  kCtlDoneForward = 6, // last-block counter of the internode combine's forwarding kernel
   kCtlWords = 64,
 };
 
@@ -29,6 +30,7 @@ enum Phase : uint32_t {
   kPhaseLowLatencyCombineWait = 5,
   kPhaseLowLatencyDispatchSend = 6,
   kPhaseLowLatencyCombineSend = 7,
+  kPhaseCombineForward = 8,
 };
 
 // What a fault record reports.
@@ -53,6 +55,15 @@ struct Offsets {
   size_t inbox, control, route_rank, route_cnt;  // local
   size_t ll_recv, ll_comb, ll_count;
   size_t ll_send, ll_comb_send;  // local staging of the NVSHMEM transport (0 otherwise)
+  // Internode normal mode (0 on one node). Half 0, like the staging:
+  //   rdma_recv  per source node m, the rows, ids and weights that the source with this
+  //              rank's local index on node m put here (the staging's sub-layout)
+  //   comb_fwd   per (source node m, local rank j, token) the partial sum that rank j of
+  //              this node made for the source with this rank's local index on node m
+  //   vals_fwd   the same for the per-slot values; fwd_tag: the epoch of each present row
+  // Local: rdma_flag[m] = (signature << 32) | epoch put by that source of node m.
+  size_t rdma_recv, comb_fwd, vals_fwd, fwd_tag;
+  size_t rdma_flag;
 };
 
 // How the low-latency kernels reach other ranks.
@@ -77,6 +88,8 @@ struct CallCtx {
   uint64_t timeout_ns;
   uint32_t sig;       // the call's signature (op and shapes), the same on every rank
   int transport;      // Transport
+  int nodes;          // nodes of the EP group: ranks [n*local_size, (n+1)*local_size) are node n
+  int local_size;     // ranks per node (nranks when nodes == 1)
 };
 
 }  // namespace jax_ep

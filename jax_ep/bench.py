@@ -208,6 +208,33 @@ def limit_seconds(bytes_per_rank, gpu_of_rank: Sequence, bandwidth: float) -> fl
     return busiest_gpu_bytes(bytes_per_rank, gpu_of_rank) / bandwidth
 
 
+def internode_rows(idx: np.ndarray, R: int, E: int, nodes: int) -> dict:
+    """Rows each domain carries per rank under the internode protocol (docs/internode.md),
+    from a global routing [R*T, K]:
+
+    - dispatch RDMA: each token once per other node holding one of its experts (sent by
+      its source); that is also the least any design moves;
+    - dispatch NVLink: each (token, receiving rank) pair whose source is on another node,
+      read from the forwarder (received by the reader; rows of the own node are counted
+      by the intranode ratios);
+    - combine RDMA: one partial per (token, rank of another node that holds a row),
+      unreduced (received by the source); the least is one per (token, other node).
+    """
+    counts = routing_gen.token_rank_counts(idx, R, E)  # [R*T, R] rows of each token per rank
+    T = idx.shape[0] // R
+    G = R // nodes
+    has = (counts > 0).reshape(R, T, R)  # [src, t, dst]
+    node_has = has.reshape(R, T, nodes, G).any(axis=3)  # [src, t, node]
+    src_node = np.arange(R) // G
+    other = np.arange(nodes)[None, :] != src_node[:, None]  # [src, node]
+    rdma_send = (node_has & other[:, None, :]).sum(axis=(1, 2))
+    remote = (np.arange(R)[None, :] // G) != src_node[:, None]  # [src, dst]
+    nvlink_recv = (has & remote[:, None, :]).sum(axis=(0, 1))
+    comb_rdma = (has & remote[:, None, :]).sum(axis=(1, 2))
+    return dict(dispatch_rdma=rdma_send, dispatch_rdma_min=rdma_send, dispatch_nvlink=nvlink_recv,
+                combine_rdma=comb_rdma, combine_rdma_min=rdma_send, combine_nvlink=comb_rdma)
+
+
 def link_seconds(pair_tok: np.ndarray, hidden: int, b: float, link_bw: float) -> float:
     """Remote rows over a link of `link_bw` bytes/s per direction, the busiest rank."""
     pt = np.asarray(pair_tok, np.float64)
@@ -911,13 +938,15 @@ ROW_FIELDS = (
     "us_wall_p90", "timer", "samples", "gbps", "roofline_us", "staging_us", "x_roofline", "x_staging",
     "vs_xla", "vs_sort", "deepep_us", "deepep_gbps", "vs_deepep", "check", "note",
     "x_copy", "copy_us", "bytes_per_rank", "link_us", "x_link", "zero_padding",
+    "nodes", "rdma_bytes", "rdma_min_bytes", "nvlink_bytes", "rdma_gbps", "nvlink_gbps",
 )
 
 COLUMNS = [
     ("workload", "workload"), ("backend", "backend"), ("EP", "ranks"), ("procs", "procs"),
     ("SMs", "sms"), ("µs med [p10-p90]", "_us"), ("µs wall", "_wall"), ("GB/s", "_gbps"),
     ("x roof", "_roof"), ("x stage", "_stage"), ("x link", "_link"), ("vs xla", "_xla"),
-    ("vs sort", "_sort"), ("DeepEP µs / GB/s", "_deepep"), ("check", "check"),
+    ("vs sort", "_sort"), ("DeepEP µs / GB/s", "_deepep"), ("RDMA / NVLink GB/s", "_domains"),
+    ("x copy", "_copy"), ("check", "check"),
 ]
 LL_COLUMNS = [
     ("workload", "workload"), ("backend", "backend"), ("EP", "ranks"), ("procs", "procs"),
@@ -941,7 +970,7 @@ def _cells(row: dict) -> dict:
     if row.get("us") is None:
         note = row.get("note") or "n/a"
         c["_us"] = note if len(note) <= 60 else note[:57] + "..."
-        for k in ("_wall", "_gbps", "_roof", "_stage", "_link", "_xla", "_sort", "_copy"):
+        for k in ("_wall", "_gbps", "_roof", "_stage", "_link", "_xla", "_sort", "_copy", "_domains"):
             c[k] = ""
     else:
         c["_us"] = f"{_f(row['us'])} [{_f(row['us_p10'])}-{_f(row['us_p90'])}]"
@@ -953,6 +982,8 @@ def _cells(row: dict) -> dict:
         c["_xla"] = _ratio(row.get("vs_xla"))
         c["_sort"] = _ratio(row.get("vs_sort"))
         c["_copy"] = _ratio(row.get("x_copy"))
+        c["_domains"] = (f"{_f(row.get('rdma_gbps'), '{:.1f}')} / {_f(row.get('nvlink_gbps'), '{:.1f}')}"
+                         if row.get("rdma_gbps") is not None else "")
     d = row.get("deepep_us")
     c["_deepep"] = f"{d:,} / {row['deepep_gbps']}" if d else ""
     if d and row.get("vs_deepep"):
@@ -1265,7 +1296,7 @@ def _rank_inputs(job: Job, routing: Routing, T: int, H: int, seed: int):
 
 
 def _bench_buffer(run: "Run", job: Job, *, T: int, H: int, E: int, K: int, low_latency: bool,
-                  transport: str = "peer"):
+                  transport: str = "peer", num_nodes: int = 1):
     """(Buffer, None), or (None, why) when it cannot be made."""
     import jax.numpy as jnp
 
@@ -1275,18 +1306,21 @@ def _bench_buffer(run: "Run", job: Job, *, T: int, H: int, E: int, K: int, low_l
     try:
         return jax_ep.Buffer(job.mesh, EP, hidden=H, max_tokens_per_rank=T, num_experts=E, top_k=K,
                              dtype=jnp.bfloat16, low_latency=low_latency, transport=transport,
+                             num_nodes=num_nodes,
                              name=f"jax_ep_bench_{'ll_' if low_latency else ''}{T}"), None
     except Exception as e:  # noqa: BLE001
         return None, run.error(what, e)
 
 
-def _start_nvshmem(run: "Run", R: int, H: int, E: int, K: int, T: int):
+def _start_nvshmem(run: "Run", R: int, H: int, E: int, K: int, T: int, *, low_latency: bool = True,
+                   num_nodes: int = 1):
     """NVSHMEM with a heap that holds the largest Buffer: (True, None) or (False, why)."""
     from jax_ep import nvshmem
 
     try:
         nvshmem.initialize(symmetric_size=nvshmem.heap_bytes(
-            num_ranks=R, hidden=H, max_tokens_per_rank=T, num_experts=E, top_k=K, low_latency=True))
+            num_ranks=R, hidden=H, max_tokens_per_rank=T, num_experts=E, top_k=K, low_latency=low_latency,
+            num_nodes=num_nodes))
     except Exception as e:  # noqa: BLE001
         return False, run.error("jax_ep.nvshmem.initialize", e)
     return True, None
@@ -1342,6 +1376,19 @@ def run_normal(args) -> int:
         header.append(f"cuda SM sweep per rank: {', '.join(map(str, sorted(sms_list)))} (cap {job.sm_cap})")
     if "xla" in run.backends and not xla_ok:
         run.notes.append(f"xla backend {xla_why[5:]}; cuda outputs are not compared here (tests/gpu do it)")
+    if args.nodes is None:
+        from . import distributed
+
+        args.nodes = distributed.num_nodes() if job.nproc == R else 1
+    if args.nodes > 1:
+        if R % args.nodes or job.nproc != R:
+            raise SystemExit(f"--nodes {args.nodes}: needs one rank per process and nodes dividing the "
+                             f"{R} ranks (python -m jax_ep.launch --nproc {R} --nodes {args.nodes})")
+        header.append(f"internode: {args.nodes} nodes x {R // args.nodes} ranks; NVSHMEM Buffer, rows "
+                      "between nodes by puts (once per target node), inside a node by loads")
+        if "cuda" in run.backends and cuda_ok:
+            cuda_ok, cuda_why = _start_nvshmem(run, R, H, E, K, max(_ints(args.tokens)), low_latency=False,
+                                               num_nodes=args.nodes)
 
     for T in _ints(args.tokens):
         routing = make_routing(args.routing, args.seed, R, T, E, K, args.zipf_s)
@@ -1351,8 +1398,17 @@ def run_normal(args) -> int:
             f"max {routing.rows_tok.max()}; rows_exp rank0 {routing.rows_exp[0]} max {routing.rows_exp.max()}")
         x, idx, w = _rank_inputs(job, routing, T, H, args.seed)
         buf = None
+        if args.nodes > 1:
+            inter = internode_rows(routing.idx, R, E, args.nodes)
+            header.append(
+                f"T={T} internode rows per rank (max): dispatch RDMA {int(inter['dispatch_rdma'].max())} "
+                f"(least possible {int(inter['dispatch_rdma_min'].max())}), NVLink from forwarders "
+                f"{int(inter['dispatch_nvlink'].max())}; combine RDMA {int(inter['combine_rdma'].max())} "
+                f"unreduced partials (least possible {int(inter['combine_rdma_min'].max())})")
         if "cuda" in run.backends and cuda_ok:
-            buf, why = _bench_buffer(run, job, T=T, H=H, E=E, K=K, low_latency=False)
+            buf, why = _bench_buffer(run, job, T=T, H=H, E=E, K=K, low_latency=False,
+                                     transport="nvshmem" if args.nodes > 1 else "peer",
+                                     num_nodes=args.nodes)
             if buf is None:
                 cuda_ok, cuda_why = False, why
         for layout in layouts:
@@ -1411,10 +1467,23 @@ def _normal_layout(run: Run, job: Job, args, T, layout, C, dtypes, routing: Rout
                     rows_tok_mean=float(routing.rows_tok.mean()),
                     deepep_us=d[0] if d else None, deepep_gbps=d[1] if d else None, **shape)
 
+    inter = internode_rows(routing.idx, R, E, args.nodes) if args.nodes > 1 else None
+
     def finish_row(row):
         if row.get("us") is not None and row["us"] > 0:
             s = row["us"] * 1e-6
             row["gbps"] = logical_gbps(routing.rows_tok.mean(), H, s, row["dtype"])
+            if inter is not None and row["backend"] == "cuda":
+                b = H * wire_bytes(row["dtype"])
+                d = row["direction"]
+                rdma, nvl = inter[f"{d}_rdma"] * b, inter[f"{d}_nvlink"] * b
+                row.update(nodes=args.nodes, rdma_bytes=float(rdma.max()),
+                           rdma_min_bytes=float(inter[f"{d}_rdma_min"].max() * b),
+                           nvlink_bytes=float(nvl.max()), rdma_gbps=float(rdma.max()) / s / 1e9,
+                           nvlink_gbps=float(nvl.max()) / s / 1e9)
+                # the same cross-domain bytes as one plain copy (read + write) in this run
+                row["copy_us"] = limit_seconds(2 * (rdma + nvl), job.gpu_of_rank, run.B) * 1e6
+                row["x_copy"] = row["copy_us"] / row["us"]
             row["x_roofline"] = row["roofline_us"] / row["us"]
             row["x_staging"] = row["staging_us"] / row["us"]
             if row.get("link_us"):
@@ -1861,6 +1930,9 @@ def _parser() -> argparse.ArgumentParser:
     n = sub.add_parser("normal", help="dispatch / combine (training, prefill)")
     common(n, "4096", "bf16,fp8", "group", "cuda,xla,sort")
     n.add_argument("--layout", default="experts,tokens", help="comma list of experts,tokens")
+    n.add_argument("--nodes", type=int, default=None,
+                   help="nodes the EP group spans (internode protocol on an NVSHMEM Buffer); default: "
+                        "the launcher's --nodes")
     n.add_argument("--sms", default="auto",
                    help="SMs per rank for the cuda kernels, comma list (default: 4, 8, 16, ... up to "
                         "132 / ranks per GPU); larger values are clamped")

@@ -51,6 +51,7 @@ class Layout:
     elem_bytes: int
     low_latency: bool
     transport: str = "peer"
+    num_nodes: int = 1
 
     ALIGN = 256
 
@@ -84,6 +85,14 @@ class Layout:
             if self.transport == "nvshmem":  # staging that puts read from
                 # per token: 16 headers of 16 bytes (kMaxTopK x kHeader), then the message
                 local += [("ll_send", up(m * (msg + 16 * 16))), ("ll_comb_send", comb)]
+        if self.num_nodes > 1:
+            # x_stage, idx_stage and w_stage are contiguous: one rdma_recv slot per
+            # source node is the same sub-layout (cc/kernels/normal.cu)
+            stage = sum(n for name, n in half if name in ("x_stage", "idx_stage", "w_stage"))
+            comb = dict(half)
+            half += [("rdma_recv", self.num_nodes * stage), ("comb_fwd", comb["comb_recv"]),
+                     ("vals_fwd", comb["vals_recv"]), ("fwd_tag", up(R * T * 4))]
+            local += [("rdma_flag", up(self.num_nodes * 8))]
         return half, local
 
     def offsets(self) -> Dict[str, int]:
@@ -126,8 +135,14 @@ class Buffer:
                            symmetric memory, the path between nodes; needs
                            `jax_ep.nvshmem.initialize()` first, one GPU per
                            process, and an EP group of all processes with EP rank
-                           r = process r). Normal mode works on both while every
-                           rank is reachable by loads and stores.
+                           r = process r).
+      num_nodes:           nodes the EP group spans (ranks grouped contiguously,
+                           R / num_nodes per node). Above 1 the normal mode runs
+                           the internode protocol (docs/internode.md): rows cross
+                           between nodes by NVSHMEM puts, once per target node, and
+                           travel on inside a node by loads; it needs
+                           transport="nvshmem". None: the launcher's `--nodes`
+                           (JAX_EP_NUM_NODES) for an NVSHMEM Buffer, else 1.
     """
 
     def __init__(
@@ -143,6 +158,7 @@ class Buffer:
         low_latency: bool = False,
         name: str = "default",
         transport: str = "peer",
+        num_nodes: Optional[int] = None,
     ):
         axes = _axes(axis_name)
         for a in axes:
@@ -157,6 +173,7 @@ class Buffer:
             raise ValueError(f"num_experts ({num_experts}) must be divisible by the EP group size ({R})")
         if transport not in ("peer", "nvshmem"):
             raise ValueError(f"transport must be 'peer' or 'nvshmem', got {transport!r}")
+        num_nodes = _resolve_nodes(num_nodes, transport, R)
         dtype = jnp.dtype(dtype)
         if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
             raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
@@ -172,8 +189,9 @@ class Buffer:
         self.dtype = dtype
         self.low_latency = bool(low_latency)
         self.transport = transport
+        self.num_nodes = num_nodes
         self.layout = Layout(R, self.hidden, self.max_tokens_per_rank, self.top_k,
-                             self.num_experts, dtype.itemsize, self.low_latency, transport)
+                             self.num_experts, dtype.itemsize, self.low_latency, transport, num_nodes)
         group = tuple(sorted(mesh.shape.items()))
         key = repr((axes, group, name)).encode()
         self.buffer_id = zlib.crc32(key) | (1 << 32)
@@ -189,10 +207,10 @@ class Buffer:
     @staticmethod
     def size_hint(*, num_ranks: int, hidden: int, max_tokens_per_rank: int, num_experts: int,
                   top_k: int, dtype=jnp.bfloat16, low_latency: bool = False,
-                  transport: str = "peer") -> int:
+                  transport: str = "peer", num_nodes: int = 1) -> int:
         """Bytes of communication memory one rank needs for this configuration."""
         return Layout(num_ranks, hidden, max_tokens_per_rank, top_k, num_experts,
-                      jnp.dtype(dtype).itemsize, low_latency, transport).total_bytes
+                      jnp.dtype(dtype).itemsize, low_latency, transport, num_nodes).total_bytes
 
     @property
     def nbytes(self) -> int:
@@ -221,7 +239,7 @@ class Buffer:
                 max_tokens_per_rank=max(tokens, self.max_tokens_per_rank), num_experts=num_experts,
                 top_k=max(top_k, self.top_k),
                 dtype=dtype if "dtype" in need else self.dtype, low_latency=self.low_latency,
-                transport=self.transport)
+                transport=self.transport, num_nodes=self.num_nodes)
             raise ValueError(
                 f"the call does not fit Buffer {self.name!r} ({', '.join(too_big)} too large: "
                 f"call {need}, buffer {have}); it needs a buffer of {size} bytes per rank"
@@ -245,7 +263,27 @@ class Buffer:
         return (f"Buffer(name={self.name!r}, axis={self.axis_name!r}, ranks={self.num_ranks}, "
                 f"hidden={self.hidden}, tokens={self.max_tokens_per_rank}, experts={self.num_experts}, "
                 f"top_k={self.top_k}, dtype={self.dtype.name}, transport={self.transport}, "
-                f"bytes/rank={self.nbytes})")
+                f"nodes={self.num_nodes}, bytes/rank={self.nbytes})")
+
+
+MAX_NODES = 32  # the kernels keep a token's target nodes in one 32-bit mask
+
+
+def _resolve_nodes(num_nodes, transport: str, num_ranks: int) -> int:
+    if num_nodes is None:
+        from . import distributed
+
+        num_nodes = distributed.num_nodes() if transport == "nvshmem" else 1
+    if not isinstance(num_nodes, (int, np.integer)) or isinstance(num_nodes, bool) or num_nodes < 1:
+        raise ValueError(f"num_nodes must be a positive int, got {num_nodes!r}")
+    if num_nodes > 1 and transport != "nvshmem":
+        raise ValueError(f"a Buffer over {num_nodes} nodes needs transport='nvshmem' (rows cross "
+                         "between nodes by NVSHMEM puts)")
+    if num_ranks % num_nodes:
+        raise ValueError(f"num_nodes ({num_nodes}) must divide the EP group size ({num_ranks})")
+    if num_nodes > MAX_NODES:
+        raise ValueError(f"num_nodes must be at most {MAX_NODES}, got {num_nodes}")
+    return int(num_nodes)
 
 
 def by_id(buffer_id: int) -> Optional[Buffer]:

@@ -55,8 +55,8 @@ def running() -> bool:
 
 
 def _single_host() -> bool:
-    if distributed.num_nodes() > 1:  # the launcher's simulated nodes count as hosts
-        return False
+    # The launcher's simulated nodes (--nodes) share this host: their puts go over
+    # P2P like any other PE's here, so they take the single-host settings too.
     coordinator = os.environ.get(distributed.ENV_COORDINATOR, "127.0.0.1")
     return coordinator.split(":")[0] in ("127.0.0.1", "localhost") or jax.process_count() == 1
 

@@ -2,6 +2,11 @@
 #include "kernels/normal.h"
 #include "kernels/rows.cuh"
 
+#ifdef JAX_EP_WITH_NVSHMEM
+#include <nvshmem.h>
+#include <nvshmemx.h>
+#endif
+
 namespace jax_ep {
 namespace {
 
@@ -20,15 +25,162 @@ struct Stage {
   float* w;      // [Tmax, K]
 };
 
+// ------------------------------------------------------------------ nodes
+//
+// Over several nodes (c.nodes > 1; one node is the intranode protocol unchanged)
+// a rank loads and stores only within its own node. Rank (m, l) (node m, local
+// index l) puts its staged rows, once per target node n, into the `rdma_recv`
+// slot for m of rank (n, l), its forwarder on node n, and sets that rank's
+// `rdma_flag[m]`. Node n's ranks then read (m, l)'s rows from there by loads,
+// exactly as they read a rank of their own node: the same routing, order and
+// drops. Combine goes back the same way: a partial for a source on another node
+// is stored into the forwarder's `comb_fwd` slot, tagged with the epoch, and the
+// forwarder puts every tagged row into the source's `comb_recv` slot of the rank
+// that made it, then signals the source on that rank's behalf; the source sums in
+// rank order as on one node. (Rows cross the network unreduced, so the sum's
+// order, and each bit of the result, is the one-node order.)
+
+__device__ __forceinline__ int node_of(const CallCtx& c, int r) { return r / c.local_size; }
+__device__ __forceinline__ bool on_my_node(const CallCtx& c, int r) {
+  return c.nodes == 1 || node_of(c, r) == node_of(c, c.rank);
+}
+// The rank of node n with r's local index.
+__device__ __forceinline__ int peer_on_node(const CallCtx& c, int r, int n) {
+  return n * c.local_size + r % c.local_size;
+}
+
+// Bytes of a staging (x, idx, w regions in order): also one rdma_recv slot.
+__device__ __forceinline__ size_t stage_bytes(const CallCtx& c) { return c.off.comb_recv - c.off.x_stage; }
+
+__device__ __forceinline__ Stage stage_at(const CallCtx& c, const NormalShape& s, char* h) {
+  Stage st;
+  st.x = h;
+  st.scales = reinterpret_cast<float*>(st.x + align256(static_cast<size_t>(s.Tmax) * s.H));
+  st.idx = reinterpret_cast<int32_t*>(h + (c.off.idx_stage - c.off.x_stage));
+  st.w = reinterpret_cast<float*>(h + (c.off.w_stage - c.off.x_stage));
+  return st;
+}
+
+// `rank`'s staging as this rank reads it: in its own buffer (this node), or the
+// copy it put into this node's forwarder for it (another node).
 __device__ __forceinline__ Stage stage_of(const CallCtx& c, const NormalShape& s, int rank,
                                           uint32_t epoch) {
-  char* h = half_base(c, rank, epoch);
-  Stage st;
-  st.x = h + c.off.x_stage;
-  st.scales = reinterpret_cast<float*>(st.x + align256(static_cast<size_t>(s.Tmax) * s.H));
-  st.idx = reinterpret_cast<int32_t*>(h + c.off.idx_stage);
-  st.w = reinterpret_cast<float*>(h + c.off.w_stage);
-  return st;
+  if (on_my_node(c, rank)) return stage_at(c, s, half_base(c, rank, epoch) + c.off.x_stage);
+  const int f = peer_on_node(c, rank, node_of(c, c.rank));
+  return stage_at(c, s, half_base(c, f, epoch) + c.off.rdma_recv + node_of(c, rank) * stage_bytes(c));
+}
+
+// Where this rank's own rows land on each forwarder (a symmetric address: the
+// same offset on every PE).
+__device__ __forceinline__ Stage my_rdma_slot(const CallCtx& c, const NormalShape& s, uint32_t epoch) {
+  return stage_at(c, s, half_base(c, c.rank, epoch) + c.off.rdma_recv + node_of(c, c.rank) * stage_bytes(c));
+}
+
+// Wait until `src`'s staging of this call may be read: its own signal (this
+// node), or the flag it put into this node's forwarder for it (another node).
+__device__ __forceinline__ void wait_source(const CallCtx& c, uint32_t phase, int src, uint32_t want) {
+  if (on_my_node(c, src)) {
+    wait_signal(c, phase, src, want);
+    return;
+  }
+  const int f = peer_on_node(c, src, node_of(c, c.rank));
+  const uint64_t* flag = reinterpret_cast<const uint64_t*>(c.peers.base[f] + c.off.rdma_flag) + node_of(c, src);
+  const uint64_t word = wait_until<uint64_t>(c, phase, src, want, [=] { return ld_acquire_sys64(flag); },
+                                             [](uint64_t v) { return static_cast<uint32_t>(v); });
+  check_signature(c, phase, src, static_cast<uint32_t>(word), want, static_cast<uint32_t>(word >> 32), c.sig);
+}
+
+// wait_all over the sources: thread r of the block waits for rank r.
+__device__ __forceinline__ void wait_sources(const CallCtx& c, uint32_t phase, uint32_t want) {
+  for (int r = threadIdx.x; r < c.nranks; r += blockDim.x)
+    if (r != c.rank) wait_source(c, phase, r, want);
+  __syncthreads();
+}
+
+// signal_all over the ranks of this node (every rank on one node).
+__device__ __forceinline__ void signal_node(const CallCtx& c, uint32_t epoch) {
+  __threadfence_system();
+  const uint64_t word = (static_cast<uint64_t>(c.sig) << 32) | epoch;
+  const int first = c.nodes == 1 ? 0 : node_of(c, c.rank) * c.local_size;
+  for (int r = first; r < first + c.local_size; ++r) {
+    uint64_t* inbox = reinterpret_cast<uint64_t*>(c.peers.base[r] + c.off.inbox);
+    st_release_sys64(inbox + c.rank, word);
+  }
+}
+
+// One warp puts `bytes` from this rank's symmetric `src` to the same offset
+// `dst` on PE `pe` (non-blocking: quiet_block completes it).
+__device__ __forceinline__ void put_warp(void* dst, const void* src, size_t bytes, int pe) {
+#ifdef JAX_EP_WITH_NVSHMEM
+  nvshmemx_putmem_nbi_warp(dst, src, bytes, pe);
+#else
+  __trap();  // several nodes need NVSHMEM Buffers, which this build cannot make
+#endif
+}
+
+// Every put of this block is delivered before the block counts itself done.
+__device__ __forceinline__ void quiet_block() {
+  __syncthreads();
+#ifdef JAX_EP_WITH_NVSHMEM
+  if (threadIdx.x == 0) nvshmem_quiet();
+#endif
+}
+
+// Set `word` at `dst` (a symmetric uint64) on PE `pe`, after every put before it.
+__device__ __forceinline__ void signal_pe(uint64_t* dst, uint64_t word, int pe) {
+#ifdef JAX_EP_WITH_NVSHMEM
+  nvshmem_fence();
+  nvshmemx_signal_op(dst, word, NVSHMEM_SIGNAL_SET, pe);
+#else
+  __trap();
+#endif
+}
+
+// Bit n set: the token has a row (an id of a local expert, or a rank in its
+// destination mask) on node n. One warp, lanes < width read.
+__device__ __forceinline__ uint32_t node_mask_of_ids(const CallCtx& c, const NormalShape& s, const int32_t* ids) {
+  const int lane = lane_id(), per_node = c.local_size * s.El;
+  const int id = lane < s.K ? ids[lane] : -1;
+  return __reduce_or_sync(0xffffffffu, (id >= 0 && id < s.E) ? 1u << (id / per_node) : 0u);
+}
+__device__ __forceinline__ uint32_t node_mask_of_ranks(const CallCtx& c, const int32_t* mask_row) {
+  uint32_t m = 0;
+  for (int r0 = 0; r0 < c.nranks; r0 += 32) {
+    const int r = r0 + lane_id();
+    m |= __reduce_or_sync(0xffffffffu, (r < c.nranks && mask_row[r] != 0) ? 1u << node_of(c, r) : 0u);
+  }
+  return m;
+}
+
+// The puts that close a staging over several nodes: every block's rows first
+// (quiet_block), then the last block puts ids and weights (dispatch) and the
+// flags, and signals its own node.
+__device__ __forceinline__ void finish_stage(const CallCtx& c, const NormalShape& s, uint32_t epoch,
+                                             bool with_ids) {
+  if (c.nodes > 1) quiet_block();
+  if (!last_block_done(c.control + kCtlDoneStage)) return;
+  if (c.nodes > 1) {
+    const int me = node_of(c, c.rank);
+    if (with_ids) {
+      const Stage from = stage_at(c, s, half_base(c, c.rank, epoch) + c.off.x_stage);
+      const Stage to = my_rdma_slot(c, s, epoch);
+      const size_t bytes = static_cast<size_t>(s.T) * s.K * 4;
+      for (int n = warp_id(); n < c.nodes; n += kWarps) {
+        if (n == me) continue;
+        const int f = peer_on_node(c, c.rank, n);
+        put_warp(to.idx, from.idx, bytes, f);
+        put_warp(to.w, from.w, bytes, f);
+      }
+    }
+    quiet_block();
+    if (threadIdx.x == 0) {
+      const uint64_t word = (static_cast<uint64_t>(c.sig) << 32) | epoch;
+      uint64_t* flag = reinterpret_cast<uint64_t*>(c.peers.base[c.rank] + c.off.rdma_flag) + me;
+      for (int n = 0; n < c.nodes; ++n)
+        if (n != me) signal_pe(flag, word, peer_on_node(c, c.rank, n));
+    }
+  }
+  if (threadIdx.x == 0) signal_node(c, epoch);
 }
 
 // ------------------------------------------------------------------ stage
@@ -108,8 +260,22 @@ __global__ void __launch_bounds__(kThreads) stage_kernel(DispatchArgs a, bool co
       st.idx[t * s.K + lane] = a.idx[t * s.K + lane];
       st.w[t * s.K + lane] = a.w[t * s.K + lane];
     }
+    if (c.nodes > 1) {  // the row, once to each other node that has one of its experts
+      const uint32_t nodes = node_mask_of_ids(c, s, a.idx + t * s.K) & ~(1u << node_of(c, c.rank));
+      if (nodes == 0) continue;
+      __syncwarp();
+      const Stage to = my_rdma_slot(c, s, epoch);
+      const size_t bytes = static_cast<size_t>(s.H) * (kFp8 ? 1 : sizeof(T));
+      const size_t off = static_cast<size_t>(t) * bytes;
+      for (uint32_t m = nodes; m != 0; m &= m - 1) {
+        const int f = peer_on_node(c, c.rank, __ffs(m) - 1);
+        put_warp(to.x + off, st.x + off, bytes, f);
+        if (kFp8) put_warp(to.scales + static_cast<size_t>(t) * (s.H / 128),
+                           st.scales + static_cast<size_t>(t) * (s.H / 128), (s.H / 128) * 4, f);
+      }
+    }
   }
-  if (last_block_done(c.control + kCtlDoneStage) && threadIdx.x == 0) signal_all(c, epoch);
+  finish_stage(c, s, epoch, /*with_ids=*/true);
 }
 
 // ------------------------------------------------------------------ route
@@ -136,7 +302,7 @@ __global__ void __launch_bounds__(kThreads) route_kernel(DispatchArgs a) {
 
   for (int work = blockIdx.x; work < c.nranks * nch; work += gridDim.x) {
     const int src = work / nch, ch = work % nch;
-    if (src != c.rank && threadIdx.x == 0) wait_signal(c, kPhaseDispatchWait, src, epoch);
+    if (src != c.rank && threadIdx.x == 0) wait_source(c, kPhaseDispatchWait, src, epoch);
     __syncthreads();
     const int32_t* idx = src == c.rank ? a.idx : stage_of(c, s, src, epoch).idx;
     const int t = ch * kRouteChunk + threadIdx.x;
@@ -385,6 +551,29 @@ __device__ __forceinline__ float* vals_slot(const CallCtx& c, const NormalShape&
   return reinterpret_cast<float*>(h) + (static_cast<size_t>(from) * s.T + t) * ks;
 }
 
+// Where this rank's partial for token t of `src` goes: src's receive slot (this
+// node), or the forwarder's slot for it (another node), with the tag to set
+// there; q is the slot's index in comb_fwd ((source node, local rank, token)).
+template <typename T>
+struct PartialDst {
+  T* row;
+  float* vals;
+  uint32_t* tag;  // null on this node
+};
+
+template <typename T>
+__device__ __forceinline__ PartialDst<T> partial_dst(const CallCtx& c, const NormalShape& s, int src, int t,
+                                                     int ks, uint32_t epoch) {
+  if (on_my_node(c, src))
+    return {comb_slot<T>(c, s, src, c.rank, t, epoch), vals_slot(c, s, src, c.rank, t, ks, epoch), nullptr};
+  const int f = peer_on_node(c, src, node_of(c, c.rank));
+  const size_t q = (static_cast<size_t>(node_of(c, src)) * c.local_size + c.rank % c.local_size) * s.T + t;
+  char* h = half_base(c, f, epoch);
+  return {reinterpret_cast<T*>(h + c.off.comb_fwd) + q * s.H,
+          reinterpret_cast<float*>(h + c.off.vals_fwd) + q * ks,
+          reinterpret_cast<uint32_t*>(h + c.off.fwd_tag) + q};
+}
+
 // Units a lane carries at once in combine: enough loads in flight to cover
 // the latency when a token has only one or two rows here.
 template <typename T>
@@ -428,8 +617,9 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineArgs a) {
     if (!kLocal && !__any_sync(0xffffffffu, pos != -1)) continue;
     const float wl = (weighted && pos >= 0) ? a.weights[pos] : 1.f;
     const uint32_t present = __ballot_sync(0xffffffffu, pos >= 0);  // lanes = local-expert order
-    T* out = kLocal ? static_cast<T*>(a.y) + static_cast<size_t>(t) * s.H
-                    : comb_slot<T>(c, s, src, c.rank, t, epoch);
+    PartialDst<T> dst{nullptr, nullptr, nullptr};
+    if (!kLocal) dst = partial_dst<T>(c, s, src, t, ks, epoch);
+    T* out = kLocal ? static_cast<T*>(a.y) + static_cast<size_t>(t) * s.H : dst.row;
     // The loop is warp-uniform (the shuffles below need every lane); lanes
     // past the row's end load and store nothing.
     for (int base = 0; base < units; base += 32 * kU) {
@@ -478,17 +668,58 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineArgs a) {
       } else if (s.tokens_layout) {
         const int p0 = __shfl_sync(0xffffffffu, pos, 0);
         for (int k = lane; k < s.K; k += 32)
-          vals_slot(c, s, src, c.rank, t, ks, epoch)[k] =
-              p0 >= 0 ? a.row_vals[static_cast<size_t>(p0) * s.K + k] : 0.f;
+          dst.vals[k] = p0 >= 0 ? a.row_vals[static_cast<size_t>(p0) * s.K + k] : 0.f;
       } else if (lane < s.Kr) {
-        vals_slot(c, s, src, c.rank, t, ks, epoch)[lane] = pos >= 0 ? a.row_vals[pos] : 0.f;
+        dst.vals[lane] = pos >= 0 ? a.row_vals[pos] : 0.f;
       }
     }
+    if (!kLocal && dst.tag != nullptr && lane == 0) *dst.tag = epoch;  // the forwarder sends it on
   }
   if (kLocal) {
     close_call(c, c.control + kCtlDoneSend, epoch, a.epoch_out);
   } else if (last_block_done(c.control + kCtlDoneSend) && threadIdx.x == 0) {
-    signal_all(c, epoch);
+    signal_node(c, epoch);
+  }
+}
+
+// Over several nodes, on every rank (n, l): wait until each rank of node n has
+// stored its partials, then put each tagged row for source (m, l) of another
+// node into that source's receive slot of the rank that made it, and signal the
+// source on that rank's behalf. One warp per (source node, local rank, token).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) combine_forward_kernel(CombineArgs a) {
+  const CallCtx& c = a.c;
+  const NormalShape& s = a.s;
+  const uint32_t epoch = current_epoch(c);
+  const int G = c.local_size, me = node_of(c, c.rank);
+  const int ks = s.tokens_layout ? s.K : s.Kr;
+  for (int j = threadIdx.x; j < G; j += blockDim.x)
+    if (me * G + j != c.rank) wait_signal(c, kPhaseCombineForward, me * G + j, epoch);
+  __syncthreads();
+  char* h = half_base(c, c.rank, epoch);
+  const uint32_t* tags = reinterpret_cast<const uint32_t*>(h + c.off.fwd_tag);
+  const size_t row_bytes = static_cast<size_t>(s.H) * sizeof(T);
+  const int n = c.nodes * G * s.T;
+  for (int g = blockIdx.x * kWarps + warp_id(); g < n; g += gridDim.x * kWarps) {
+    const int m = g / (G * s.T), j = (g / s.T) % G, t = g % s.T;
+    if (m == me || __ldcg(tags + g) != epoch) continue;
+    const int src = m * G + c.rank % G, from = me * G + j;
+    put_warp(h + c.off.comb_recv + (static_cast<size_t>(from) * s.T + t) * row_bytes,
+             h + c.off.comb_fwd + static_cast<size_t>(g) * row_bytes, row_bytes, src);
+    if (a.row_vals != nullptr)
+      put_warp(h + c.off.vals_recv + (static_cast<size_t>(from) * s.T + t) * ks * 4,
+               h + c.off.vals_fwd + static_cast<size_t>(g) * ks * 4, ks * 4, src);
+  }
+  quiet_block();
+  if (last_block_done(c.control + kCtlDoneForward) && threadIdx.x == 0) {
+    for (int m = 0; m < c.nodes; ++m) {
+      if (m == me) continue;
+      for (int j = 0; j < G; ++j) {
+        // j's signal, which this rank checked (the same call signature as its own)
+        const uint64_t word = (static_cast<uint64_t>(c.sig) << 32) | epoch;
+        signal_pe(c.inbox + me * G + j, word, m * G + c.rank % G);
+      }
+    }
   }
 }
 
@@ -560,10 +791,19 @@ __global__ void __launch_bounds__(kThreads) stage_rows_kernel(RedispatchArgs a) 
   const Stage st = stage_of(c, a.s, c.rank, epoch);
   const int units = a.s.H / kUnit, lane = lane_id();
   for (int t = blockIdx.x * kWarps + warp_id(); t < a.s.T; t += gridDim.x * kWarps) {
-    copy_raw_row<UB>(static_cast<const char*>(a.y) + static_cast<size_t>(t) * units * UB,
-                     st.x + static_cast<size_t>(t) * units * UB, units);
+    const size_t off = static_cast<size_t>(t) * units * UB;
+    copy_raw_row<UB>(static_cast<const char*>(a.y) + off, st.x + off, units);
+    if (c.nodes > 1) {  // once to each other node that holds a row of the token
+      const uint32_t nodes = node_mask_of_ranks(c, a.dst_mask + static_cast<size_t>(t) * c.nranks) &
+                             ~(1u << node_of(c, c.rank));
+      if (nodes == 0) continue;
+      __syncwarp();
+      const Stage to = my_rdma_slot(c, a.s, epoch);
+      for (uint32_t m = nodes; m != 0; m &= m - 1)
+        put_warp(to.x + off, st.x + off, static_cast<size_t>(units) * UB, peer_on_node(c, c.rank, __ffs(m) - 1));
+    }
   }
-  if (last_block_done(c.control + kCtlDoneStage) && threadIdx.x == 0) signal_all(c, epoch);
+  finish_stage(c, a.s, epoch, /*with_ids=*/false);
 }
 
 // rows[p] = y[token of row p] through the handle: pull each source row once.
@@ -573,7 +813,7 @@ __global__ void __launch_bounds__(kThreads) redispatch_kernel(RedispatchArgs a) 
   const NormalShape& s = a.s;
   const uint32_t epoch = current_epoch(c);
   const int R = c.nranks, lane = lane_id(), units = s.H / kUnit;
-  wait_all(c, kPhaseRedispatchWait, epoch);
+  wait_sources(c, kPhaseRedispatchWait, epoch);
   char* out = static_cast<char*>(a.rows);
   for (int g = blockIdx.x * kWarps + warp_id(); g < R * s.T; g += gridDim.x * kWarps) {
     const int src = g / s.T, t = g % s.T;
@@ -659,6 +899,7 @@ template <typename T>
 cudaError_t combine_typed(const CombineArgs& a, cudaStream_t stream) {
   if (a.c.nranks == 1) return launch(combine_send_kernel<T, true>, a.num_sms, 0, stream, a);
   JAX_EP_RETURN_IF_ERROR(launch(combine_send_kernel<T, false>, a.num_sms, 0, stream, a));
+  if (a.c.nodes > 1) JAX_EP_RETURN_IF_ERROR(launch(combine_forward_kernel<T>, a.num_sms, 0, stream, a));
   return launch(combine_recv_kernel<T>, a.num_sms, 0, stream, a);
 }
 

@@ -131,7 +131,7 @@ def create_buffer(buf) -> Optional[NativeBuffer]:
     n = _instances.get(buf.buffer_id, 0)
     _instances[buf.buffer_id] = n + 1
     config = repr((buf.num_ranks, buf.hidden, buf.max_tokens_per_rank, buf.num_experts,
-                   buf.top_k, buf.dtype.name, buf.low_latency, buf.transport)).encode()
+                   buf.top_k, buf.dtype.name, buf.low_latency, buf.transport, buf.num_nodes)).encode()
     if buf.transport == "nvshmem":
         return _create_nvshmem(buf, groups, offsets, config, n)
     for g, ranks in groups.items():
@@ -187,7 +187,7 @@ def _create_nvshmem(buf, groups, offsets, config: bytes, n: int) -> NativeBuffer
             if cfg != config:
                 raise _config_mismatch(buf, p, cfg, config)
     _ext.create(buf.buffer_id, d.local_hardware_id, r, len(ranks), buf.max_tokens_per_rank, offsets,
-                timeout_s(), _TRANSPORTS["nvshmem"])
+                timeout_s(), _TRANSPORTS["nvshmem"], buf.num_nodes)
     return NativeBuffer(buf.buffer_id, [d.local_hardware_id])
 
 
