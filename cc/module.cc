@@ -47,6 +47,8 @@ jax_ep::Offsets offsets_from(const nb::dict& d) {
   o.vals_fwd = get("vals_fwd0");
   o.fwd_tag = get("fwd_tag0");
   o.rdma_flag = get("rdma_flag");
+  o.rdma_ready = get("rdma_ready");
+  o.fwd_inbox = get("fwd_inbox");
   return o;
 }
 

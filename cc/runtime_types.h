@@ -61,9 +61,14 @@ struct Offsets {
   //   comb_fwd   per (source node m, local rank j, token) the partial sum that rank j of
   //              this node made for the source with this rank's local index on node m
   //   vals_fwd   the same for the per-slot values; fwd_tag: the epoch of each present row
-  // Local: rdma_flag[m] = (signature << 32) | epoch put by that source of node m.
+  // Local, each (signature << 32) | epoch:
+  //   rdma_flag[m]   signalled by that source of node m (an NVSHMEM signal)
+  //   rdma_ready[m]  the same word, stored by this rank once its rows are visible here
+  //                  (the word its node's ranks wait for)
+  //   fwd_inbox[r]   rank r's partials forwarded to this rank (set by r's forwarder,
+  //                  apart from `inbox`, which r itself sets in the low-latency calls)
   size_t rdma_recv, comb_fwd, vals_fwd, fwd_tag;
-  size_t rdma_flag;
+  size_t rdma_flag, rdma_ready, fwd_inbox;
 };
 
 // How the low-latency kernels reach other ranks.

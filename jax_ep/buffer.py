@@ -92,7 +92,8 @@ class Layout:
             comb = dict(half)
             half += [("rdma_recv", self.num_nodes * stage), ("comb_fwd", comb["comb_recv"]),
                      ("vals_fwd", comb["vals_recv"]), ("fwd_tag", up(R * T * 4))]
-            local += [("rdma_flag", up(self.num_nodes * 8))]
+            local += [("rdma_flag", up(self.num_nodes * 8)), ("rdma_ready", up(self.num_nodes * 8)),
+                      ("fwd_inbox", up(R * 8))]
         return half, local
 
     def offsets(self) -> Dict[str, int]:

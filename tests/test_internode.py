@@ -21,6 +21,7 @@ def test_layout_adds_internode_regions_only_over_several_nodes():
     one = Layout(8, 256, 64, 4, 32, 2, False, "nvshmem", 1).offsets()
     two = Layout(8, 256, 64, 4, 32, 2, False, "nvshmem", 2).offsets()
     assert "rdma_recv0" not in one and "rdma_flag" not in one
+    assert all(k in two for k in ("rdma_flag", "rdma_ready", "fwd_inbox"))
     for name in ("rdma_recv", "comb_fwd", "vals_fwd", "fwd_tag"):
         assert two[f"{name}1"] - two[f"{name}0"] == two["half_bytes"]
     # the staging regions are contiguous: one rdma_recv slot per node has their sub-layout

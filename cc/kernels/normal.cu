@@ -30,13 +30,15 @@ struct Stage {
 // Over several nodes (c.nodes > 1; one node is the intranode protocol unchanged)
 // a rank loads and stores only within its own node. Rank (m, l) (node m, local
 // index l) puts its staged rows, once per target node n, into the `rdma_recv`
-// slot for m of rank (n, l), its forwarder on node n, and sets that rank's
-// `rdma_flag[m]`. Node n's ranks then read (m, l)'s rows from there by loads,
-// exactly as they read a rank of their own node: the same routing, order and
-// drops. Combine goes back the same way: a partial for a source on another node
-// is stored into the forwarder's `comb_fwd` slot, tagged with the epoch, and the
-// forwarder puts every tagged row into the source's `comb_recv` slot of the rank
-// that made it, then signals the source on that rank's behalf; the source sums in
+// slot for m of rank (n, l), its forwarder on node n, and signals that rank's
+// `rdma_flag[m]`. Once the forwarder has seen the flag (through NVSHMEM, so the
+// rows the network wrote are visible on its GPU) it stores `rdma_ready[m]`, and
+// node n's ranks read (m, l)'s rows from there by loads, exactly as they read a
+// rank of their own node: the same routing, order and drops. Combine goes back
+// the same way: a partial for a source on another node is stored into the
+// forwarder's `comb_fwd` slot, tagged with the epoch, and the forwarder puts every
+// tagged row into the source's `comb_recv` slot of the rank that made it, then
+// signals the source on that rank's behalf (in `fwd_inbox`); the source sums in
 // rank order as on one node. (Rows cross the network unreduced, so the sum's
 // order, and each bit of the result, is the one-node order.)
 
@@ -76,18 +78,54 @@ __device__ __forceinline__ Stage my_rdma_slot(const CallCtx& c, const NormalShap
   return stage_at(c, s, half_base(c, c.rank, epoch) + c.off.rdma_recv + node_of(c, c.rank) * stage_bytes(c));
 }
 
+// Spin until the word at `p` (written for `peer`'s part of this call) reaches
+// `want`, then check the call signature; returns the word.
+__device__ __forceinline__ uint64_t wait_word(const CallCtx& c, uint32_t phase, int peer, uint32_t want,
+                                              const uint64_t* p) {
+  const uint64_t word = wait_until<uint64_t>(c, phase, peer, want, [=] { return ld_acquire_sys64(p); },
+                                             [](uint64_t v) { return static_cast<uint32_t>(v); });
+  check_signature(c, phase, peer, static_cast<uint32_t>(word), want, static_cast<uint32_t>(word >> 32), c.sig);
+  return word;
+}
+
+// A word set by an NVSHMEM signal has been seen: make the data the network
+// delivered before it visible to this GPU's later loads. (Over a proxy transport
+// NVSHMEM does that in its wait and test calls; the deadline-bounded spin has
+// already seen the word, so the test returns at once.)
+__device__ __forceinline__ void after_remote_signal(uint64_t* p) {
+#ifdef JAX_EP_WITH_NVSHMEM
+  (void)nvshmem_uint64_test(p, NVSHMEM_CMP_NE, 0);
+#endif
+}
+
 // Wait until `src`'s staging of this call may be read: its own signal (this
-// node), or the flag it put into this node's forwarder for it (another node).
+// node), or its forwarder's `rdma_ready` for it (another node).
 __device__ __forceinline__ void wait_source(const CallCtx& c, uint32_t phase, int src, uint32_t want) {
   if (on_my_node(c, src)) {
     wait_signal(c, phase, src, want);
     return;
   }
   const int f = peer_on_node(c, src, node_of(c, c.rank));
-  const uint64_t* flag = reinterpret_cast<const uint64_t*>(c.peers.base[f] + c.off.rdma_flag) + node_of(c, src);
-  const uint64_t word = wait_until<uint64_t>(c, phase, src, want, [=] { return ld_acquire_sys64(flag); },
-                                             [](uint64_t v) { return static_cast<uint32_t>(v); });
-  check_signature(c, phase, src, static_cast<uint32_t>(word), want, static_cast<uint32_t>(word >> 32), c.sig);
+  wait_word(c, phase, src, want,
+            reinterpret_cast<const uint64_t*>(c.peers.base[f] + c.off.rdma_ready) + node_of(c, src));
+}
+
+// The forwarder's part of a receive over several nodes (block 0, before it waits
+// for anything else): for each other node m, wait for the source of m with this
+// rank's local index to signal `rdma_flag[m]`, make its rows visible here and
+// store `rdma_ready[m]` for this node's ranks. It waits only on other ranks' send
+// kernels, which wait on nothing.
+__device__ __forceinline__ void relay_rdma_flags(const CallCtx& c, uint32_t phase, uint32_t want) {
+  if (c.nodes == 1 || blockIdx.x != 0) return;
+  const int me = node_of(c, c.rank);
+  for (int m = threadIdx.x; m < c.nodes; m += blockDim.x) {
+    if (m == me) continue;
+    uint64_t* flag = reinterpret_cast<uint64_t*>(c.peers.base[c.rank] + c.off.rdma_flag) + m;
+    const uint64_t word = wait_word(c, phase, peer_on_node(c, c.rank, m), want, flag);
+    after_remote_signal(flag);
+    __threadfence_system();
+    st_release_sys64(reinterpret_cast<uint64_t*>(c.peers.base[c.rank] + c.off.rdma_ready) + m, word);
+  }
 }
 
 // wait_all over the sources: thread r of the block waits for rank r.
@@ -299,6 +337,7 @@ __global__ void __launch_bounds__(kThreads) route_kernel(DispatchArgs a) {
   uint32_t* pre = smem + kWarps * s.El;   // [kWarps][El]
   __shared__ int warp_cnt[kWarps];
   const int lo = c.rank * s.El;
+  relay_rdma_flags(c, kPhaseDispatchWait, epoch);
 
   for (int work = blockIdx.x; work < c.nranks * nch; work += gridDim.x) {
     const int src = work / nch, ch = work % nch;
@@ -717,7 +756,8 @@ __global__ void __launch_bounds__(kThreads) combine_forward_kernel(CombineArgs a
       for (int j = 0; j < G; ++j) {
         // j's signal, which this rank checked (the same call signature as its own)
         const uint64_t word = (static_cast<uint64_t>(c.sig) << 32) | epoch;
-        signal_pe(c.inbox + me * G + j, word, m * G + c.rank % G);
+        uint64_t* fwd = reinterpret_cast<uint64_t*>(c.peers.base[c.rank] + c.off.fwd_inbox) + me * G + j;
+        signal_pe(fwd, word, m * G + c.rank % G);
       }
     }
   }
@@ -733,7 +773,19 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineArgs a) {
   const uint32_t epoch = current_epoch(c);
   const int R = c.nranks, lane = lane_id(), units = s.H / kUnit;
   const int ks = s.tokens_layout ? s.K : s.Kr;
-  wait_all(c, kPhaseCombineWait, epoch);
+  // every rank's partials: this node's ranks signal themselves, the others'
+  // forwarders signal for them (fwd_inbox), after the rows the network delivered
+  for (int r = threadIdx.x; r < R; r += blockDim.x) {
+    if (r == c.rank) continue;
+    if (on_my_node(c, r)) {
+      wait_signal(c, kPhaseCombineWait, r, epoch);
+    } else {
+      uint64_t* w = reinterpret_cast<uint64_t*>(c.peers.base[c.rank] + c.off.fwd_inbox) + r;
+      wait_word(c, kPhaseCombineWait, r, epoch, w);
+      after_remote_signal(w);
+    }
+  }
+  __syncthreads();
   for (int t = blockIdx.x * kWarps + warp_id(); t < s.T; t += gridDim.x * kWarps) {
     uint64_t mask = 0;
     for (int r0 = 0; r0 < R; r0 += 32) {
@@ -813,6 +865,7 @@ __global__ void __launch_bounds__(kThreads) redispatch_kernel(RedispatchArgs a) 
   const NormalShape& s = a.s;
   const uint32_t epoch = current_epoch(c);
   const int R = c.nranks, lane = lane_id(), units = s.H / kUnit;
+  relay_rdma_flags(c, kPhaseRedispatchWait, epoch);
   wait_sources(c, kPhaseRedispatchWait, epoch);
   char* out = static_cast<char*>(a.rows);
   for (int g = blockIdx.x * kWarps + warp_id(); g < R * s.T; g += gridDim.x * kWarps) {

@@ -181,4 +181,4 @@ def test_internode_buffer_has_its_regions():
     buf = _buffer()
     off = buf.layout.offsets()
     assert all(f"{r}0" in off for r in ("rdma_recv", "comb_fwd", "vals_fwd", "fwd_tag"))
-    assert "rdma_flag" in off and "nodes=" in repr(buf)
+    assert all(k in off for k in ("rdma_flag", "rdma_ready", "fwd_inbox")) and "nodes=" in repr(buf)
