@@ -61,8 +61,6 @@ BufferState::BufferState(uint64_t id, int device, int rank, int nranks, int max_
                                 std::to_string(nranks) + " ranks");
   if (num_nodes > 32)
     throw std::invalid_argument("jax_ep: at most 32 nodes (a token's target nodes are one 32-bit mask)");
-  if (num_nodes > 1 && transport != kTransportNvshmem)
-    throw std::invalid_argument("jax_ep: a Buffer over several nodes needs the NVSHMEM transport");
   if (num_nodes > 1 && (off.rdma_flag == 0 || off.rdma_ready == 0 || off.fwd_inbox == 0))
     throw std::invalid_argument("jax_ep: a Buffer over several nodes needs its internode regions");
   DeviceGuard guard(device);

@@ -1380,15 +1380,17 @@ def run_normal(args) -> int:
         from . import distributed
 
         args.nodes = distributed.num_nodes() if job.nproc == R else 1
+    transport = args.transport if args.transport != "auto" else ("nvshmem" if args.nodes > 1 else "peer")
     if args.nodes > 1:
-        if R % args.nodes or job.nproc != R:
-            raise SystemExit(f"--nodes {args.nodes}: needs one rank per process and nodes dividing the "
-                             f"{R} ranks (python -m jax_ep.launch --nproc {R} --nodes {args.nodes})")
-        header.append(f"internode: {args.nodes} nodes x {R // args.nodes} ranks; NVSHMEM Buffer, rows "
-                      "between nodes by puts (once per target node), inside a node by loads")
-        if "cuda" in run.backends and cuda_ok:
-            cuda_ok, cuda_why = _start_nvshmem(run, R, H, E, K, max(_ints(args.tokens)), low_latency=False,
-                                               num_nodes=args.nodes)
+        if R % args.nodes or (transport == "nvshmem" and job.nproc != R):
+            raise SystemExit(f"--nodes {args.nodes}: needs nodes dividing the {R} ranks and, with NVSHMEM, "
+                             f"one rank per process (python -m jax_ep.launch --nproc {R} --nodes {args.nodes})")
+        how = "NVSHMEM puts" if transport == "nvshmem" else "stores through peer pointers"
+        header.append(f"internode: {args.nodes} nodes x {R // args.nodes} ranks; rows between nodes by "
+                      f"{how} (once per target node), inside a node by loads")
+    if transport == "nvshmem" and "cuda" in run.backends and cuda_ok:
+        cuda_ok, cuda_why = _start_nvshmem(run, R, H, E, K, max(_ints(args.tokens)), low_latency=False,
+                                           num_nodes=args.nodes)
 
     for T in _ints(args.tokens):
         routing = make_routing(args.routing, args.seed, R, T, E, K, args.zipf_s)
@@ -1407,8 +1409,7 @@ def run_normal(args) -> int:
                 f"unreduced partials (least possible {int(inter['combine_rdma_min'].max())})")
         if "cuda" in run.backends and cuda_ok:
             buf, why = _bench_buffer(run, job, T=T, H=H, E=E, K=K, low_latency=False,
-                                     transport="nvshmem" if args.nodes > 1 else "peer",
-                                     num_nodes=args.nodes)
+                                     transport=transport, num_nodes=args.nodes)
             if buf is None:
                 cuda_ok, cuda_why = False, why
         for layout in layouts:
@@ -1931,8 +1932,10 @@ def _parser() -> argparse.ArgumentParser:
     common(n, "4096", "bf16,fp8", "group", "cuda,xla,sort")
     n.add_argument("--layout", default="experts,tokens", help="comma list of experts,tokens")
     n.add_argument("--nodes", type=int, default=None,
-                   help="nodes the EP group spans (internode protocol on an NVSHMEM Buffer); default: "
-                        "the launcher's --nodes")
+                   help="nodes the EP group spans (the internode protocol); default: the launcher's --nodes")
+    n.add_argument("--transport", choices=("auto", "peer", "nvshmem"), default="auto",
+                   help="the Buffer's transport; auto: nvshmem over several nodes, else peer (peer with "
+                        "--nodes K splits one host's GPUs into K groups)")
     n.add_argument("--sms", default="auto",
                    help="SMs per rank for the cuda kernels, comma list (default: 4, 8, 16, ... up to "
                         "132 / ranks per GPU); larger values are clamped")

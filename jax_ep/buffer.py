@@ -140,9 +140,12 @@ class Buffer:
       num_nodes:           nodes the EP group spans (ranks grouped contiguously,
                            R / num_nodes per node). Above 1 the normal mode runs
                            the internode protocol (docs/internode.md): rows cross
-                           between nodes by NVSHMEM puts, once per target node, and
-                           travel on inside a node by loads; it needs
-                           transport="nvshmem". None: the launcher's `--nodes`
+                           between nodes by puts, once per target node, and travel
+                           on inside a node by loads. With transport="nvshmem" the
+                           puts are NVSHMEM's (the path between hosts); with "peer"
+                           they are stores through peer pointers, which splits the
+                           GPUs of one host into groups (push between groups, pull
+                           inside one). None: the launcher's `--nodes`
                            (JAX_EP_NUM_NODES) for an NVSHMEM Buffer, else 1.
     """
 
@@ -277,9 +280,6 @@ def _resolve_nodes(num_nodes, transport: str, num_ranks: int) -> int:
         num_nodes = distributed.num_nodes() if transport == "nvshmem" else 1
     if not isinstance(num_nodes, (int, np.integer)) or isinstance(num_nodes, bool) or num_nodes < 1:
         raise ValueError(f"num_nodes must be a positive int, got {num_nodes!r}")
-    if num_nodes > 1 and transport != "nvshmem":
-        raise ValueError(f"a Buffer over {num_nodes} nodes needs transport='nvshmem' (rows cross "
-                         "between nodes by NVSHMEM puts)")
     if num_ranks % num_nodes:
         raise ValueError(f"num_nodes ({num_nodes}) must divide the EP group size ({num_ranks})")
     if num_nodes > MAX_NODES:

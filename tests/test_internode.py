@@ -35,9 +35,16 @@ def test_layout_adds_internode_regions_only_over_several_nodes():
         jax_ep.Buffer.size_hint(num_ranks=8, transport="nvshmem", **ARGS)
 
 
-def test_buffer_over_nodes_needs_nvshmem():
-    with pytest.raises(ValueError, match="transport='nvshmem'"):
-        jax_ep.Buffer(_mesh(), "ep", num_nodes=2, name="n1", **ARGS)
+def test_peer_buffer_takes_groups_only_when_asked(monkeypatch):
+    monkeypatch.setenv("JAX_EP_NUM_NODES", "4")
+    grouped = jax_ep.Buffer(_mesh(), "ep", num_nodes=2, name="n1", **ARGS)
+    plain = jax_ep.Buffer(_mesh(), "ep", name="n1b", **ARGS)
+    try:
+        assert grouped.num_nodes == 2 and "rdma_recv0" in grouped.layout.offsets()
+        assert plain.num_nodes == 1 and "rdma_recv0" not in plain.layout.offsets()
+    finally:
+        grouped.close()
+        plain.close()
 
 
 @pytest.mark.parametrize("nodes, match", [(3, "must divide"), (0, "positive int"), (True, "positive int"),

@@ -12,6 +12,7 @@ namespace {
 
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
+constexpr int kUnroll = 4;  // units each lane loads before it stores any
 
 __host__ __device__ inline size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 __host__ __device__ inline int elem_bytes(DType d) { return d == DType::kF32 ? 4 : 2; }
@@ -91,10 +92,10 @@ __device__ __forceinline__ uint64_t wait_word(const CallCtx& c, uint32_t phase, 
 // A word set by an NVSHMEM signal has been seen: make the data the network
 // delivered before it visible to this GPU's later loads. (Over a proxy transport
 // NVSHMEM does that in its wait and test calls; the deadline-bounded spin has
-// already seen the word, so the test returns at once.)
-__device__ __forceinline__ void after_remote_signal(uint64_t* p) {
+// already seen the word, so the test returns at once.) Peer stores need nothing.
+__device__ __forceinline__ void after_remote_signal(const CallCtx& c, uint64_t* p) {
 #ifdef JAX_EP_WITH_NVSHMEM
-  (void)nvshmem_uint64_test(p, NVSHMEM_CMP_NE, 0);
+  if (c.transport == kTransportNvshmem) (void)nvshmem_uint64_test(p, NVSHMEM_CMP_NE, 0);
 #endif
 }
 
@@ -122,7 +123,7 @@ __device__ __forceinline__ void relay_rdma_flags(const CallCtx& c, uint32_t phas
     if (m == me) continue;
     uint64_t* flag = reinterpret_cast<uint64_t*>(c.peers.base[c.rank] + c.off.rdma_flag) + m;
     const uint64_t word = wait_word(c, phase, peer_on_node(c, c.rank, m), want, flag);
-    after_remote_signal(flag);
+    after_remote_signal(c, flag);
     __threadfence_system();
     st_release_sys64(reinterpret_cast<uint64_t*>(c.peers.base[c.rank] + c.off.rdma_ready) + m, word);
   }
@@ -146,32 +147,66 @@ __device__ __forceinline__ void signal_node(const CallCtx& c, uint32_t epoch) {
   }
 }
 
-// One warp puts `bytes` from this rank's symmetric `src` to the same offset
-// `dst` on PE `pe` (non-blocking: quiet_block completes it).
-__device__ __forceinline__ void put_warp(void* dst, const void* src, size_t bytes, int pe) {
+// The address of this rank's `p` in rank `pe`'s buffer (the same offset).
+template <typename P>
+__device__ __forceinline__ P* at_rank(const CallCtx& c, P* p, int pe) {
+  return reinterpret_cast<P*>(c.peers.base[pe] + (reinterpret_cast<const char*>(p) - c.peers.base[c.rank]));
+}
+
+// One warp puts `bytes` (a multiple of 4) from this rank's `src` to the same
+// offset `dst` on rank `pe`: an NVSHMEM put (non-blocking: quiet_block completes
+// it), or on a peer-transport Buffer the warp's own stores through the peer pointer.
+__device__ __forceinline__ void put_warp(const CallCtx& c, void* dst, const void* src, size_t bytes, int pe) {
 #ifdef JAX_EP_WITH_NVSHMEM
-  nvshmemx_putmem_nbi_warp(dst, src, bytes, pe);
-#else
-  __trap();  // several nodes need NVSHMEM Buffers, which this build cannot make
+  if (c.transport == kTransportNvshmem) {
+    nvshmemx_putmem_nbi_warp(dst, src, bytes, pe);
+    return;
+  }
 #endif
+  char* to = at_rank(c, static_cast<char*>(dst), pe);
+  const char* from = static_cast<const char*>(src);
+  const int lane = lane_id();
+  if (((reinterpret_cast<uintptr_t>(to) | reinterpret_cast<uintptr_t>(from) | bytes) & 15) == 0) {
+    const size_t n = bytes / 16;
+    for (size_t i = lane; i < n; i += 32 * kUnroll) {
+      int4 v[kUnroll];
+#pragma unroll
+      for (int j = 0; j < kUnroll; ++j)
+        if (i + 32 * j < n) v[j] = __ldcg(reinterpret_cast<const int4*>(from) + i + 32 * j);
+#pragma unroll
+      for (int j = 0; j < kUnroll; ++j)
+        if (i + 32 * j < n) reinterpret_cast<int4*>(to)[i + 32 * j] = v[j];
+    }
+  } else {
+    for (size_t i = lane; i < bytes / 4; i += 32)
+      reinterpret_cast<int*>(to)[i] = __ldcg(reinterpret_cast<const int*>(from) + i);
+  }
 }
 
 // Every put of this block is delivered before the block counts itself done.
-__device__ __forceinline__ void quiet_block() {
+__device__ __forceinline__ void quiet_block(const CallCtx& c) {
   __syncthreads();
 #ifdef JAX_EP_WITH_NVSHMEM
-  if (threadIdx.x == 0) nvshmem_quiet();
+  if (c.transport == kTransportNvshmem) {
+    if (threadIdx.x == 0) nvshmem_quiet();
+    return;
+  }
 #endif
+  if (threadIdx.x == 0) __threadfence_system();
 }
 
-// Set `word` at `dst` (a symmetric uint64) on PE `pe`, after every put before it.
-__device__ __forceinline__ void signal_pe(uint64_t* dst, uint64_t word, int pe) {
+// Set `word` at `dst` (a uint64 of this rank's buffer) on rank `pe`, after every
+// put before it.
+__device__ __forceinline__ void signal_pe(const CallCtx& c, uint64_t* dst, uint64_t word, int pe) {
 #ifdef JAX_EP_WITH_NVSHMEM
-  nvshmem_fence();
-  nvshmemx_signal_op(dst, word, NVSHMEM_SIGNAL_SET, pe);
-#else
-  __trap();
+  if (c.transport == kTransportNvshmem) {
+    nvshmem_fence();
+    nvshmemx_signal_op(dst, word, NVSHMEM_SIGNAL_SET, pe);
+    return;
+  }
 #endif
+  __threadfence_system();
+  st_release_sys64(at_rank(c, dst, pe), word);
 }
 
 // Bit n set: the token has a row (an id of a local expert, or a rank in its
@@ -195,7 +230,7 @@ __device__ __forceinline__ uint32_t node_mask_of_ranks(const CallCtx& c, const i
 // flags, and signals its own node.
 __device__ __forceinline__ void finish_stage(const CallCtx& c, const NormalShape& s, uint32_t epoch,
                                              bool with_ids) {
-  if (c.nodes > 1) quiet_block();
+  if (c.nodes > 1) quiet_block(c);
   if (!last_block_done(c.control + kCtlDoneStage)) return;
   if (c.nodes > 1) {
     const int me = node_of(c, c.rank);
@@ -206,16 +241,16 @@ __device__ __forceinline__ void finish_stage(const CallCtx& c, const NormalShape
       for (int n = warp_id(); n < c.nodes; n += kWarps) {
         if (n == me) continue;
         const int f = peer_on_node(c, c.rank, n);
-        put_warp(to.idx, from.idx, bytes, f);
-        put_warp(to.w, from.w, bytes, f);
+        put_warp(c, to.idx, from.idx, bytes, f);
+        put_warp(c, to.w, from.w, bytes, f);
       }
     }
-    quiet_block();
+    quiet_block(c);
     if (threadIdx.x == 0) {
       const uint64_t word = (static_cast<uint64_t>(c.sig) << 32) | epoch;
       uint64_t* flag = reinterpret_cast<uint64_t*>(c.peers.base[c.rank] + c.off.rdma_flag) + me;
       for (int n = 0; n < c.nodes; ++n)
-        if (n != me) signal_pe(flag, word, peer_on_node(c, c.rank, n));
+        if (n != me) signal_pe(c, flag, word, peer_on_node(c, c.rank, n));
     }
   }
   if (threadIdx.x == 0) signal_node(c, epoch);
@@ -223,7 +258,6 @@ __device__ __forceinline__ void finish_stage(const CallCtx& c, const NormalShape
 
 // ------------------------------------------------------------------ stage
 
-constexpr int kUnroll = 4;  // units each lane loads before it stores any
 
 // Copy a row of `units` raw units from src to the rows dst[i] >= 0 of `out`
 // (kCoherent: src was released by a peer during this kernel).
@@ -307,8 +341,8 @@ __global__ void __launch_bounds__(kThreads) stage_kernel(DispatchArgs a, bool co
       const size_t off = static_cast<size_t>(t) * bytes;
       for (uint32_t m = nodes; m != 0; m &= m - 1) {
         const int f = peer_on_node(c, c.rank, __ffs(m) - 1);
-        put_warp(to.x + off, st.x + off, bytes, f);
-        if (kFp8) put_warp(to.scales + static_cast<size_t>(t) * (s.H / 128),
+        put_warp(c, to.x + off, st.x + off, bytes, f);
+        if (kFp8) put_warp(c, to.scales + static_cast<size_t>(t) * (s.H / 128),
                            st.scales + static_cast<size_t>(t) * (s.H / 128), (s.H / 128) * 4, f);
       }
     }
@@ -743,13 +777,13 @@ __global__ void __launch_bounds__(kThreads) combine_forward_kernel(CombineArgs a
     const int m = g / (G * s.T), j = (g / s.T) % G, t = g % s.T;
     if (m == me || __ldcg(tags + g) != epoch) continue;
     const int src = m * G + c.rank % G, from = me * G + j;
-    put_warp(h + c.off.comb_recv + (static_cast<size_t>(from) * s.T + t) * row_bytes,
+    put_warp(c, h + c.off.comb_recv + (static_cast<size_t>(from) * s.T + t) * row_bytes,
              h + c.off.comb_fwd + static_cast<size_t>(g) * row_bytes, row_bytes, src);
     if (a.row_vals != nullptr)
-      put_warp(h + c.off.vals_recv + (static_cast<size_t>(from) * s.T + t) * ks * 4,
+      put_warp(c, h + c.off.vals_recv + (static_cast<size_t>(from) * s.T + t) * ks * 4,
                h + c.off.vals_fwd + static_cast<size_t>(g) * ks * 4, ks * 4, src);
   }
-  quiet_block();
+  quiet_block(c);
   if (last_block_done(c.control + kCtlDoneForward) && threadIdx.x == 0) {
     for (int m = 0; m < c.nodes; ++m) {
       if (m == me) continue;
@@ -757,7 +791,7 @@ __global__ void __launch_bounds__(kThreads) combine_forward_kernel(CombineArgs a
         // j's signal, which this rank checked (the same call signature as its own)
         const uint64_t word = (static_cast<uint64_t>(c.sig) << 32) | epoch;
         uint64_t* fwd = reinterpret_cast<uint64_t*>(c.peers.base[c.rank] + c.off.fwd_inbox) + me * G + j;
-        signal_pe(fwd, word, m * G + c.rank % G);
+        signal_pe(c, fwd, word, m * G + c.rank % G);
       }
     }
   }
@@ -782,7 +816,7 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineArgs a) {
     } else {
       uint64_t* w = reinterpret_cast<uint64_t*>(c.peers.base[c.rank] + c.off.fwd_inbox) + r;
       wait_word(c, kPhaseCombineWait, r, epoch, w);
-      after_remote_signal(w);
+      after_remote_signal(c, w);
     }
   }
   __syncthreads();
@@ -852,7 +886,7 @@ __global__ void __launch_bounds__(kThreads) stage_rows_kernel(RedispatchArgs a) 
       __syncwarp();
       const Stage to = my_rdma_slot(c, a.s, epoch);
       for (uint32_t m = nodes; m != 0; m &= m - 1)
-        put_warp(to.x + off, st.x + off, static_cast<size_t>(units) * UB, peer_on_node(c, c.rank, __ffs(m) - 1));
+        put_warp(c, to.x + off, st.x + off, static_cast<size_t>(units) * UB, peer_on_node(c, c.rank, __ffs(m) - 1));
     }
   }
   finish_stage(c, a.s, epoch, /*with_ids=*/false);
