@@ -94,34 +94,53 @@ __device__ __forceinline__ void check_signature(const CallCtx& c, uint32_t phase
   if (epoch == want && theirs != mine) fail(c, kFaultMismatch, phase, peer, theirs, mine);
 }
 
-// Spin until peer's signal in our inbox reaches `want` (fail at the deadline),
-// then check that the peer made the same call.
-__device__ __forceinline__ void wait_signal(const CallCtx& c, uint32_t phase, int peer,
-                                            uint32_t want) {
-  const uint64_t* slot = c.inbox + peer;
-  const uint64_t word = wait_until<uint64_t>(c, phase, peer, want, [=] { return ld_acquire_sys64(slot); },
+// Spin until the signal word at `p` ((signature << 32) | epoch, set for peer's part
+// of this call) reaches `want` (fail at the deadline), then check that the peer
+// made the same call; returns the word.
+__device__ __forceinline__ uint64_t wait_word(const CallCtx& c, uint32_t phase, int peer, uint32_t want,
+                                              const uint64_t* p) {
+  const uint64_t word = wait_until<uint64_t>(c, phase, peer, want, [=] { return ld_acquire_sys64(p); },
                                              [](uint64_t v) { return static_cast<uint32_t>(v); });
   check_signature(c, phase, peer, static_cast<uint32_t>(word), want, static_cast<uint32_t>(word >> 32),
                   c.sig);
+  return word;
 }
 
-// Every thread r < nranks of the block waits for rank r (itself excepted).
-__device__ __forceinline__ void wait_all(const CallCtx& c, uint32_t phase, uint32_t want) {
+// Spin until peer's signal in our inbox reaches `want`, as wait_word.
+__device__ __forceinline__ void wait_signal(const CallCtx& c, uint32_t phase, int peer,
+                                            uint32_t want) {
+  wait_word(c, phase, peer, want, c.inbox + peer);
+}
+
+// Every thread r < nranks of the block runs wait_one(r) for rank r (itself
+// excepted); then the block continues together.
+template <typename WaitOne>
+__device__ __forceinline__ void wait_each(const CallCtx& c, WaitOne wait_one) {
   for (int r = threadIdx.x; r < c.nranks; r += blockDim.x)
-    if (r != c.rank) wait_signal(c, phase, r, want);
+    if (r != c.rank) wait_one(r);
   __syncthreads();
 }
 
-// Tell every rank (ourselves included) that this rank finished phase `epoch`
-// of the call `c.sig`: all writes before this point, by every block, are
-// visible first.
-__device__ __forceinline__ void signal_all(const CallCtx& c, uint32_t epoch) {
+// Every thread r < nranks of the block waits for rank r's signal.
+__device__ __forceinline__ void wait_all(const CallCtx& c, uint32_t phase, uint32_t want) {
+  wait_each(c, [&](int r) { wait_signal(c, phase, r, want); });
+}
+
+// Tell ranks [first, first + n) (ourselves included) that this rank finished
+// phase `epoch` of the call `c.sig`: all writes before this point, by every
+// block, are visible first.
+__device__ __forceinline__ void signal_range(const CallCtx& c, uint32_t epoch, int first, int n) {
   __threadfence_system();
   const uint64_t word = (static_cast<uint64_t>(c.sig) << 32) | epoch;
-  for (int r = 0; r < c.nranks; ++r) {
+  for (int r = first; r < first + n; ++r) {
     uint64_t* inbox = reinterpret_cast<uint64_t*>(c.peers.base[r] + c.off.inbox);
     st_release_sys64(inbox + c.rank, word);
   }
+}
+
+// signal_range over every rank of the group.
+__device__ __forceinline__ void signal_all(const CallCtx& c, uint32_t epoch) {
+  signal_range(c, epoch, 0, c.nranks);
 }
 
 // The last block of a grid to reach this point returns true (and resets the

@@ -79,16 +79,6 @@ __device__ __forceinline__ Stage my_rdma_slot(const CallCtx& c, const NormalShap
   return stage_at(c, s, half_base(c, c.rank, epoch) + c.off.rdma_recv + node_of(c, c.rank) * stage_bytes(c));
 }
 
-// Spin until the word at `p` (written for `peer`'s part of this call) reaches
-// `want`, then check the call signature; returns the word.
-__device__ __forceinline__ uint64_t wait_word(const CallCtx& c, uint32_t phase, int peer, uint32_t want,
-                                              const uint64_t* p) {
-  const uint64_t word = wait_until<uint64_t>(c, phase, peer, want, [=] { return ld_acquire_sys64(p); },
-                                             [](uint64_t v) { return static_cast<uint32_t>(v); });
-  check_signature(c, phase, peer, static_cast<uint32_t>(word), want, static_cast<uint32_t>(word >> 32), c.sig);
-  return word;
-}
-
 // A word set by an NVSHMEM signal has been seen: make the data the network
 // delivered before it visible to this GPU's later loads. (Over a proxy transport
 // NVSHMEM does that in its wait and test calls; the deadline-bounded spin has
@@ -129,22 +119,14 @@ __device__ __forceinline__ void relay_rdma_flags(const CallCtx& c, uint32_t phas
   }
 }
 
-// wait_all over the sources: thread r of the block waits for rank r.
+// wait_all over the sources: thread r of the block waits for rank r's staging.
 __device__ __forceinline__ void wait_sources(const CallCtx& c, uint32_t phase, uint32_t want) {
-  for (int r = threadIdx.x; r < c.nranks; r += blockDim.x)
-    if (r != c.rank) wait_source(c, phase, r, want);
-  __syncthreads();
+  wait_each(c, [&](int r) { wait_source(c, phase, r, want); });
 }
 
 // signal_all over the ranks of this node (every rank on one node).
 __device__ __forceinline__ void signal_node(const CallCtx& c, uint32_t epoch) {
-  __threadfence_system();
-  const uint64_t word = (static_cast<uint64_t>(c.sig) << 32) | epoch;
-  const int first = c.nodes == 1 ? 0 : node_of(c, c.rank) * c.local_size;
-  for (int r = first; r < first + c.local_size; ++r) {
-    uint64_t* inbox = reinterpret_cast<uint64_t*>(c.peers.base[r] + c.off.inbox);
-    st_release_sys64(inbox + c.rank, word);
-  }
+  signal_range(c, epoch, c.nodes == 1 ? 0 : node_of(c, c.rank) * c.local_size, c.local_size);
 }
 
 // The address of this rank's `p` in rank `pe`'s buffer (the same offset).

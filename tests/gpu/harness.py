@@ -170,3 +170,71 @@ def routing(kind: str, n: int, t: int, k: int, e: int, seed: int) -> np.ndarray:
         pool = np.arange(el, e) if n > 1 else np.arange(e)
         return np.stack([rng.choice(pool, k, replace=False) for _ in range(total)]).astype(np.int32)
     raise ValueError(kind)
+
+
+# ---------------------------------------------------------------- bodies
+
+
+def dispatch_combine_body(backend, layout, fp8, out_dtype, cap, max_rows, weighted, dtype, E, buf=None):
+    """dispatch -> a scaled expert step -> combine, every output and handle count."""
+
+    def body(x, idx, w):
+        out = jax_ep.dispatch(x.astype(dtype), idx, w, num_experts=E, axis_name=AXIS, layout=layout,
+                              fp8=fp8, out_dtype=out_dtype, capacity_factor=cap, max_rows=max_rows,
+                              backend=backend, buffer=buf)
+        if isinstance(out.x, jax_ep.Fp8Array):
+            rows = (out.x.data, out.x.scales)
+            expert_out = out.x.dequantize(jnp.bfloat16)
+        else:
+            rows = out.x
+            expert_out = out.x * jnp.asarray(1.5, out.x.dtype)
+        y = jax_ep.combine(expert_out, out.handle,
+                           out.weights if weighted and layout == "experts" else None)
+        h = out.handle
+        return dict(rows=rows, w=out.weights, sizes=out.group_sizes, topk=out.topk_idx, y=y,
+                    overflow=h.num_overflow, dropped=h.dropped, ndrop=h.num_dropped,
+                    ninv=h.num_invalid, nrows=h.num_rows)
+
+    return body
+
+
+def grad_body(backend, layout, E, buf=None):
+    """Gradients of a dispatch -> tanh -> combine loss in x and the weights."""
+
+    def body(x, idx, w):
+        def loss(x, w):
+            out = jax_ep.dispatch(x, idx, w, num_experts=E, axis_name=AXIS, layout=layout,
+                                  backend=backend, buffer=buf)
+            h = jnp.tanh(out.x.astype(jnp.float32))
+            if layout == "tokens":  # the expert side applies the [C, K] weights itself
+                h = h * jnp.sum(out.weights, axis=1, keepdims=True)
+            h = h.astype(x.dtype)
+            y = jax_ep.combine(h, out.handle, out.weights if layout == "experts" else None)
+            return jnp.sum(y.astype(jnp.float32) ** 2)
+
+        gx, gw = jax.grad(loss, argnums=(0, 1))(x, w)
+        return dict(gx=gx, gw=gw)
+
+    return body
+
+
+def soak_body(n: int, e: int, steps: int, buf=None):
+    """`steps` dispatch+combine calls, expert ids shifted by the step; counts the
+    elements that differ from sum over ranks r of round(n_r * x), in rank order."""
+
+    def body(x, idx):
+        def step(i, bad):
+            ids = jnp.where(idx >= 0, (idx + i) % e, idx)
+            out = jax_ep.dispatch(x, ids, num_experts=e, axis_name=AXIS, backend="cuda", buffer=buf)
+            y = jax_ep.combine(out.x, out.handle)
+            el = e // n
+            ref = jnp.zeros(x.shape, jnp.float32)
+            for r in range(n):
+                cnt = jnp.sum((ids >= r * el) & (ids < (r + 1) * el), axis=1, dtype=jnp.int32)
+                part = (x.astype(jnp.float32) * cnt[:, None].astype(jnp.float32)).astype(x.dtype)
+                ref = ref + part.astype(jnp.float32)
+            return bad + jnp.sum(y != ref.astype(x.dtype), dtype=jnp.int32)
+
+        return jax.lax.fori_loop(0, steps, step, jax.lax.pcast(jnp.int32(0), (AXIS,), to="varying"))
+
+    return body

@@ -12,14 +12,14 @@ peer-transport cases run the same protocol with the puts as stores through peer
 pointers (the ranks split into groups of one host), in any multi-rank run.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jax_ep
 from jax_ep import distributed
-from harness import AXIS, assert_same, gpu_mesh, my_rank, num_ranks, routing, run_gpu, run_oracle
+from harness import (AXIS, assert_same, dispatch_combine_body, gpu_mesh, grad_body, my_rank, num_ranks,
+                     routing, run_gpu, run_oracle, soak_body)
 
 T, H, E, K = 96, 256, 32, 6
 TRANSPORTS = ["nvshmem", "peer"]
@@ -74,24 +74,7 @@ def _routing(kind: str, n: int, seed: int) -> np.ndarray:
 
 
 def _body(buf, backend, layout, fp8, out_dtype, cap, weighted, dtype):
-    def body(x, idx, w):
-        out = jax_ep.dispatch(x.astype(dtype), idx, w, num_experts=E, axis_name=AXIS, layout=layout,
-                              fp8=fp8, out_dtype=out_dtype, capacity_factor=cap, backend=backend,
-                              buffer=buf)
-        if isinstance(out.x, jax_ep.Fp8Array):
-            rows = (out.x.data, out.x.scales)
-            expert_out = out.x.dequantize(jnp.bfloat16)
-        else:
-            rows = out.x
-            expert_out = out.x * jnp.asarray(1.5, out.x.dtype)
-        y = jax_ep.combine(expert_out, out.handle,
-                           out.weights if weighted and layout == "experts" else None)
-        h = out.handle
-        return dict(rows=rows, w=out.weights, sizes=out.group_sizes, topk=out.topk_idx, y=y,
-                    overflow=h.num_overflow, dropped=h.dropped, ndrop=h.num_dropped,
-                    ninv=h.num_invalid, nrows=h.num_rows)
-
-    return body
+    return dispatch_combine_body(backend, layout, fp8, out_dtype, cap, None, weighted, dtype, E, buf)
 
 
 CASES = [
@@ -127,21 +110,7 @@ def test_internode_matches_xla(case, transport):
 
 
 def _grad_fn(buf, backend, layout):
-    def body(x, idx, w):
-        def loss(x, w):
-            out = jax_ep.dispatch(x, idx, w, num_experts=E, axis_name=AXIS, layout=layout,
-                                  backend=backend, buffer=buf)
-            h = jnp.tanh(out.x.astype(jnp.float32))
-            if layout == "tokens":
-                h = h * jnp.sum(out.weights, axis=1, keepdims=True)
-            h = h.astype(x.dtype)
-            y = jax_ep.combine(h, out.handle, out.weights if layout == "experts" else None)
-            return jnp.sum(y.astype(jnp.float32) ** 2)
-
-        gx, gw = jax.grad(loss, argnums=(0, 1))(x, w)
-        return dict(gx=gx, gw=gw)
-
-    return body
+    return grad_body(backend, layout, E, buf)
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -170,20 +139,7 @@ def test_internode_soak(transport):
     t, h, e, k = 64, 128, 16, 4
     steps, calls = 25, 200
 
-    def body(x, idx):
-        def step(i, bad):
-            ids = jnp.where(idx >= 0, (idx + i) % e, idx)
-            out = jax_ep.dispatch(x, ids, num_experts=e, axis_name=AXIS, backend="cuda", buffer=buf)
-            y = jax_ep.combine(out.x, out.handle)
-            el = e // n
-            ref = jnp.zeros(x.shape, jnp.float32)
-            for r in range(n):  # per rank round(n_r * x) in bf16, summed over ranks in order
-                cnt = jnp.sum((ids >= r * el) & (ids < (r + 1) * el), axis=1, dtype=jnp.int32)
-                part = (x.astype(jnp.float32) * cnt[:, None].astype(jnp.float32)).astype(x.dtype)
-                ref = ref + part.astype(jnp.float32)
-            return bad + jnp.sum(y != ref.astype(x.dtype), dtype=jnp.int32)
-
-        return jax.lax.fori_loop(0, steps, step, jax.lax.pcast(jnp.int32(0), (AXIS,), to="varying"))
+    body = soak_body(n, e, steps, buf)
 
     rng = np.random.default_rng(3)
     x = rng.standard_normal((n * t, h)).astype(jnp.bfloat16)

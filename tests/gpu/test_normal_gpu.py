@@ -1,35 +1,17 @@
 """Normal-mode CUDA kernels against the xla backend, bit for bit, on every rank."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jax_ep
-from harness import assert_same, buffer, local_ranks, num_ranks, routing, run_gpu, run_oracle
+from harness import (assert_same, buffer, dispatch_combine_body, grad_body, local_ranks, num_ranks,
+                     routing, run_gpu, run_oracle, soak_body)
 
 T, H, E, K = 96, 256, 32, 6
 
 
 def _body(backend, layout, fp8, out_dtype, cap, max_rows, weighted, dtype):
-    def body(x, idx, w):
-        out = jax_ep.dispatch(x.astype(dtype), idx, w, num_experts=E, axis_name="ep", layout=layout,
-                              fp8=fp8, out_dtype=out_dtype, capacity_factor=cap, max_rows=max_rows,
-                              backend=backend)
-        if isinstance(out.x, jax_ep.Fp8Array):
-            rows = (out.x.data, out.x.scales)
-            expert_out = out.x.dequantize(jnp.bfloat16)
-        else:
-            rows = out.x
-            expert_out = out.x * jnp.asarray(1.5, out.x.dtype)
-        y = jax_ep.combine(expert_out, out.handle,
-                           out.weights if weighted and layout == "experts" else None)
-        h = out.handle
-        return dict(rows=rows, w=out.weights, sizes=out.group_sizes, topk=out.topk_idx, y=y,
-                    overflow=h.num_overflow, dropped=h.dropped, ndrop=h.num_dropped,
-                    ninv=h.num_invalid, nrows=h.num_rows)
-
-    return body
+    return dispatch_combine_body(backend, layout, fp8, out_dtype, cap, max_rows, weighted, dtype, E)
 
 
 CASES = [
@@ -72,21 +54,7 @@ def test_rank_layout():
 
 
 def _grad_fn(backend, layout):
-    def body(x, idx, w):
-        def loss(x, w):
-            out = jax_ep.dispatch(x, idx, w, num_experts=E, axis_name="ep", layout=layout,
-                                  backend=backend)
-            h = jnp.tanh(out.x.astype(jnp.float32))
-            if layout == "tokens":  # the expert side applies the [C, K] weights itself
-                h = h * jnp.sum(out.weights, axis=1, keepdims=True)
-            h = h.astype(x.dtype)
-            y = jax_ep.combine(h, out.handle, out.weights if layout == "experts" else None)
-            return jnp.sum(y.astype(jnp.float32) ** 2)
-
-        gx, gw = jax.grad(loss, argnums=(0, 1))(x, w)
-        return dict(gx=gx, gw=gw)
-
-    return body
+    return grad_body(backend, layout, E)
 
 
 @pytest.mark.parametrize("layout", ["experts", "tokens"])
@@ -111,21 +79,7 @@ def test_soak_changing_routings():
     buffer()
     steps, calls = 50, 200
 
-    def body(x, idx):
-        def step(i, bad):
-            ids = jnp.where(idx >= 0, (idx + i) % e, idx)
-            out = jax_ep.dispatch(x, ids, num_experts=e, axis_name="ep", backend="cuda")
-            y = jax_ep.combine(out.x, out.handle)
-            # Reference: per rank, round(n_r * x) in bf16; then the sum over ranks, rounded.
-            el = e // n
-            ref = jnp.zeros(x.shape, jnp.float32)
-            for r in range(n):
-                cnt = jnp.sum((ids >= r * el) & (ids < (r + 1) * el), axis=1, dtype=jnp.int32)
-                part = (x.astype(jnp.float32) * cnt[:, None].astype(jnp.float32)).astype(x.dtype)
-                ref = ref + part.astype(jnp.float32)
-            return bad + jnp.sum(y != ref.astype(x.dtype), dtype=jnp.int32)
-
-        return jax.lax.fori_loop(0, steps, step, jax.lax.pcast(jnp.int32(0), ("ep",), to="varying"))
+    body = soak_body(n, e, steps)
 
     rng = np.random.default_rng(3)
     x = rng.standard_normal((n * t, h)).astype(jnp.bfloat16)
