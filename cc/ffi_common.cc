@@ -33,8 +33,9 @@ ffi::Error state_for(int64_t buffer_id, int32_t device, BufferState** out, bool 
   if (needs_pointers && !(*out)->maps_every_rank(&missing))
     return ffi::Error::InvalidArgument(
         "jax_ep: normal mode stores to every rank's memory, and rank " + std::to_string(missing) +
-        " of this NVSHMEM Buffer is reachable by puts only (another node); use the "
-        "low-latency calls, or a Buffer whose ranks share NVLink");
+        " of this NVSHMEM Buffer is reachable by puts only (another node); give the Buffer "
+        "num_nodes (or run under the launcher's --nodes) so normal mode runs the internode "
+        "protocol, or use the low-latency calls");
   return ffi::Error::Success();
 }
 
