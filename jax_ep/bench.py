@@ -1959,6 +1959,9 @@ def _parser() -> argparse.ArgumentParser:
 _MD_NORMAL = ("| workload | backend | EP | procs | SMs | µs median [p10-p90] | GB/s per rank | x roofline | "
               "x staging | x link | vs xla | vs sort | DeepEP µs / GB/s (ratio) | check |\n"
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+_MD_INTERNODE = ("| workload | backend | EP | nodes | procs | SMs | µs median [p10-p90] | GB/s per rank | "
+                 "x staging | RDMA / NVLink GB/s | RDMA bytes / least | x copy | vs xla | check |\n"
+                 "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 _MD_LOW_LATENCY = ("| workload | backend | EP | procs | µs median [p10-p90] | GB/s per rank | x copy | "
                    "x roofline | x staging | vs xla | check |\n|---|---|---|---|---|---|---|---|---|---|---|")
 
@@ -1971,6 +1974,13 @@ def _md_row(r: dict) -> str:
         return (f'| {r["workload"]} | {backend} | {r["ranks"]} | {r.get("procs", "")} | {us} | '
                 f'{r["gbps"]:.1f} | {fmt(r.get("x_copy"), "{:.2f}")} | {fmt(r.get("x_roofline"), "{:.2f}")} | '
                 f'{fmt(r.get("x_staging"), "{:.2f}")} | {fmt(r.get("vs_xla"), "{:.2f}")} | {r.get("check", "")} |')
+    if r.get("nodes"):
+        least = r["rdma_bytes"] / r["rdma_min_bytes"] if r.get("rdma_min_bytes") else None
+        return (f'| {r["direction"]} {r["dtype"]} {r["layout"]} T={r["tokens"]} | {r["backend"]} | '
+                f'{r["ranks"]} | {r["nodes"]} | {r.get("procs", "")} | {r.get("sms") or ""} | {us} | '
+                f'{r["gbps"]:.1f} | {fmt(r.get("x_staging"), "{:.2f}")} | '
+                f'{r["rdma_gbps"]:.1f} / {r["nvlink_gbps"]:.1f} | {fmt(least, "{:.2f}x")} | '
+                f'{fmt(r.get("x_copy"), "{:.2f}")} | {fmt(r.get("vs_xla"), "{:.2f}")} | {r.get("check", "")} |')
     dee = ("" if r.get("deepep_us") is None else
            f'{r["deepep_us"]:,.0f} / {r["deepep_gbps"]:.0f} ({r["vs_deepep"]:.2f}x)')
     return (f'| {r["direction"]} {r["dtype"]} {r["layout"]} T={r["tokens"]} | {r["backend"]} | '
@@ -1985,7 +1995,7 @@ def markdown_table(files: Sequence[str], sms: Optional[str] = None) -> str:
     """The rows of bench JSON files as markdown tables (normal and low-latency rows
     apart, each with its columns), with each file's machine."""
     keep = None if sms is None else {int(v) for v in _names(sms)}
-    tables: Dict[str, List[str]] = {"normal": [], "low_latency": []}
+    tables: Dict[str, List[str]] = {"normal": [], "internode": [], "low_latency": []}
     machines = []
     for path in files:
         with open(path) as fh:
@@ -1996,9 +2006,10 @@ def markdown_table(files: Sequence[str], sms: Optional[str] = None) -> str:
         for r in d["rows"]:
             if r.get("us") is None or (keep and r["backend"] == "cuda" and r.get("sms") not in keep):
                 continue
-            tables["low_latency" if r.get("mode") == "low_latency" else "normal"].append(_md_row(r))
+            kind = "low_latency" if r.get("mode") == "low_latency" else "internode" if r.get("nodes") else "normal"
+            tables[kind].append(_md_row(r))
     out = []
-    for kind, head in (("normal", _MD_NORMAL), ("low_latency", _MD_LOW_LATENCY)):
+    for kind, head in (("normal", _MD_NORMAL), ("internode", _MD_INTERNODE), ("low_latency", _MD_LOW_LATENCY)):
         if tables[kind]:
             out += [head] + tables[kind] + [""]
     return "\n".join(out + machines)

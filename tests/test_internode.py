@@ -104,3 +104,21 @@ def test_internode_rows_counts_each_domain():
     np.testing.assert_array_equal(got["dispatch_nvlink"], [2, 1, 2, 1])
     # unreduced partials back over the network: source 0 token 1 gets two (ranks 2, 3), source 3 token 0 two
     np.testing.assert_array_equal(got["combine_rdma"], [2, 1, 1, 2])
+
+
+def test_bench_table_puts_internode_rows_apart(tmp_path):
+    import json
+
+    from jax_ep.bench import markdown_table
+
+    base = dict(mode="normal", direction="combine", dtype="bf16", layout="tokens", tokens=64, backend="cuda",
+                ranks=8, procs=8, sms=16, us=100.0, us_p10=90.0, us_p90=110.0, gbps=1.5, x_staging=0.5,
+                check="ok")
+    inter = dict(base, nodes=2, rdma_bytes=300.0, rdma_min_bytes=100.0, rdma_gbps=3.0, nvlink_gbps=4.0,
+                 x_copy=0.25)
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps({"machine": {"device_kind": "GPU"}, "rows": [base, inter]}))
+    out = markdown_table([str(path)])
+    assert "| nodes |" in out and "RDMA / NVLink GB/s" in out
+    assert "| 3.0 / 4.0 | 3.00x | 0.25 |" in out
+    assert out.count("combine bf16 tokens T=64") == 2  # one row in each table
