@@ -180,3 +180,13 @@ def test_bias_balancing_moves_load_toward_uniform(mesh):
     assert skew1 < 0.5 * skew0, (skew0, skew1)
     bias = np.asarray(moe.bias[...])
     assert np.all(bias[:4] < 0) and np.mean(bias[4:]) > 0
+
+
+def test_create_buffer_passes_transport_and_nodes(mesh):
+    moe = make_moe(mesh)
+    buf = moe.create_buffer(32, transport="nvshmem", num_nodes=2, name="moe_nodes")
+    try:
+        assert buf.num_nodes == 2 and buf.transport == "nvshmem" and buf.num_experts == 16
+        assert buf.num_ranks == 4  # the layer's EP axis
+    finally:
+        buf.close()

@@ -308,17 +308,21 @@ class MoE(nnx.Module):
     # ------------------------------------------------------------------ helpers
 
     def create_buffer(self, max_tokens_per_rank: int, *, low_latency: bool = False,
-                      dtype=None, name: str = "default") -> jax_ep.Buffer:
+                      dtype=None, name: str = "default", transport: str = "peer",
+                      num_nodes: Optional[int] = None) -> jax_ep.Buffer:
         """A `jax_ep.Buffer` sized for this layer (create it outside `jit`).
 
         `dtype` defaults to the layer's compute dtype, else bfloat16. With
         `name="default"` every call on this EP axis finds it; otherwise pass it
-        to the layer as `buffer`.
+        to the layer as `buffer`. `transport` and `num_nodes` are the Buffer's: an
+        EP axis over several hosts takes `transport="nvshmem"` (and the nodes from
+        the launcher), which pairs with the group-limited gating (`n_group`,
+        `topk_group`) that keeps each token on few nodes.
         """
         return jax_ep.Buffer(
             self.mesh, self.ep_axis, hidden=self.hidden, max_tokens_per_rank=max_tokens_per_rank,
             num_experts=self.num_experts, top_k=self.top_k, dtype=dtype or self.dtype or jnp.bfloat16,
-            low_latency=low_latency, name=name,
+            low_latency=low_latency, name=name, transport=transport, num_nodes=num_nodes,
         )
 
 
