@@ -102,9 +102,10 @@ NB_MODULE(_ext, m) {
       nb::arg("num_nodes") = 1,
       "Allocate this device's communication memory of a buffer: device memory mapped by "
       "its peers (transport 0), or NVSHMEM symmetric memory (transport 1, collective: every "
-      "PE calls it, in the same order, and the group is already connected). num_nodes > 1 "
-      "(NVSHMEM only): ranks are grouped into that many nodes; the kernels store only into "
-      "the ranks of their own node and reach the other nodes by puts.");
+      "PE calls it, in the same order, and the group is already connected). num_nodes > 1: "
+      "ranks are grouped into that many nodes, and the normal-mode kernels reach the other "
+      "nodes by puts only (NVSHMEM puts, or on the peer transport stores through peer "
+      "pointers).");
 
   m.def(
       "ipc_handle", [](uint64_t id, int device) { return nb::bytes(state(id, device)->ipc_handle().data(), 64); },

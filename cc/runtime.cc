@@ -88,9 +88,8 @@ BufferState::BufferState(uint64_t id, int device, int rank, int nranks, int max_
     // normal-mode kernels; the low-latency kernels put through NVSHMEM either way.
     // Over several nodes only this node's ranks do: the kernels reach the others
     // by puts alone, also where (simulated nodes on one GPU) a pointer would exist.
-    const int local = nranks_ / num_nodes_;
     for (int r = 0; r < nranks_; ++r)
-      if (r != rank_ && r / local == rank_ / local)
+      if (r != rank_ && on_my_node(r))
         peers_[r] = static_cast<char*>(nvshmem_peer_pointer(base_, r));
     connected_ = true;
   }
@@ -159,9 +158,8 @@ void BufferState::connect(const std::vector<std::string>& handles,
 }
 
 bool BufferState::maps_every_rank(int* missing) const {
-  const int local = nranks_ / num_nodes_;
   for (int r = 0; r < nranks_; ++r)
-    if (r / local == rank_ / local && peers_[r] == nullptr) {
+    if (on_my_node(r) && peers_[r] == nullptr) {
       *missing = r;
       return false;
     }

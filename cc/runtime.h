@@ -51,6 +51,7 @@ class BufferState {
   char* base() const { return base_; }
   bool connected() const { return connected_; }
   int num_nodes() const { return num_nodes_; }
+  bool on_my_node(int r) const { return r / (nranks_ / num_nodes_) == rank_ / (nranks_ / num_nodes_); }
   // Every rank the normal-mode kernels store into is reachable by loads and stores:
   // every rank of the group, or on a Buffer of several nodes every rank of this
   // one (false for an NVSHMEM Buffer whose ranks only puts reach); the first rank

@@ -1400,8 +1400,8 @@ def run_normal(args) -> int:
             f"max {routing.rows_tok.max()}; rows_exp rank0 {routing.rows_exp[0]} max {routing.rows_exp.max()}")
         x, idx, w = _rank_inputs(job, routing, T, H, args.seed)
         buf = None
-        if args.nodes > 1:
-            inter = internode_rows(routing.idx, R, E, args.nodes)
+        inter = internode_rows(routing.idx, R, E, args.nodes) if args.nodes > 1 else None
+        if inter is not None:
             header.append(
                 f"T={T} internode rows per rank (max): dispatch RDMA {int(inter['dispatch_rdma'].max())} "
                 f"(least possible {int(inter['dispatch_rdma_min'].max())}), NVLink from forwarders "
@@ -1417,7 +1417,7 @@ def run_normal(args) -> int:
             C = round_up(int(rows_out.max()), 128)
             header.append(f"T={T} {layout}: max_rows = {C} (most rows any rank receives, "
                           f"{int(rows_out.max())}, rounded up to 128)")
-            _normal_layout(run, job, args, T, layout, C, dtypes, routing, shape, x, idx, w, buf,
+            _normal_layout(run, job, args, T, layout, C, dtypes, routing, inter, shape, x, idx, w, buf,
                            xla_ok, xla_why, cuda_ok, cuda_why, sms_list, multi_gpu)
         job.kv.barrier("close")
         _close(buf)
@@ -1430,7 +1430,7 @@ def run_normal(args) -> int:
     return run.finish(title, COLUMNS, header, plot_normal)
 
 
-def _normal_layout(run: Run, job: Job, args, T, layout, C, dtypes, routing: Routing, shape,
+def _normal_layout(run: Run, job: Job, args, T, layout, C, dtypes, routing: Routing, inter, shape,
                    x, idx, w, buf, xla_ok, xla_why, cuda_ok, cuda_why, sms_list, multi_gpu):
     import jax_ep
 
@@ -1467,8 +1467,6 @@ def _normal_layout(run: Run, job: Job, args, T, layout, C, dtypes, routing: Rout
                     staging_us=t_stage * 1e6, link_us=None if t_link is None else t_link * 1e6,
                     rows_tok_mean=float(routing.rows_tok.mean()),
                     deepep_us=d[0] if d else None, deepep_gbps=d[1] if d else None, **shape)
-
-    inter = internode_rows(routing.idx, R, E, args.nodes) if args.nodes > 1 else None
 
     def finish_row(row):
         if row.get("us") is not None and row["us"] > 0:

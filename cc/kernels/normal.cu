@@ -26,6 +26,40 @@ struct Stage {
   float* w;      // [Tmax, K]
 };
 
+// ------------------------------------------------------------------ row copies
+
+// Copy a row of `units` raw units from src to the rows dst[i] >= 0 of `out`
+// (kCoherent: src was released by a peer during this kernel).
+template <int UB, bool kCoherent = false>
+__device__ __forceinline__ void copy_raw_to_rows(const char* src, char* out,
+                                                 const int (&dst)[kMaxTopK], int units) {
+  const int lane = lane_id();
+  for (int u0 = lane; u0 < units; u0 += 32 * kUnroll) {
+    RawUnit<UB, kCoherent> r[kUnroll];
+#pragma unroll
+    for (int j = 0; j < kUnroll; ++j)
+      if (u0 + 32 * j < units) r[j].load(src + static_cast<size_t>(u0 + 32 * j) * UB);
+#pragma unroll
+    for (int i = 0; i < kMaxTopK; ++i) {
+      if (dst[i] < 0) continue;
+#pragma unroll
+      for (int j = 0; j < kUnroll; ++j) {
+        const int u = u0 + 32 * j;
+        if (u < units) r[j].store(out + (static_cast<size_t>(dst[i]) * units + u) * UB);
+      }
+    }
+  }
+}
+
+// Copy a row of `units` raw units from src to one row.
+template <int UB, bool kCoherent = false>
+__device__ __forceinline__ void copy_raw_row(const char* src, char* one, int units) {
+  int dst[kMaxTopK];
+#pragma unroll
+  for (int i = 0; i < kMaxTopK; ++i) dst[i] = i == 0 ? 0 : -1;
+  copy_raw_to_rows<UB, kCoherent>(src, one, dst, units);
+}
+
 // ------------------------------------------------------------------ nodes
 //
 // Over several nodes (c.nodes > 1; one node is the intranode protocol unchanged)
@@ -147,20 +181,11 @@ __device__ __forceinline__ void put_warp(const CallCtx& c, void* dst, const void
 #endif
   char* to = at_rank(c, static_cast<char*>(dst), pe);
   const char* from = static_cast<const char*>(src);
-  const int lane = lane_id();
+  // src may have been written during this kernel (by this warp, or released by a peer)
   if (((reinterpret_cast<uintptr_t>(to) | reinterpret_cast<uintptr_t>(from) | bytes) & 15) == 0) {
-    const size_t n = bytes / 16;
-    for (size_t i = lane; i < n; i += 32 * kUnroll) {
-      int4 v[kUnroll];
-#pragma unroll
-      for (int j = 0; j < kUnroll; ++j)
-        if (i + 32 * j < n) v[j] = __ldcg(reinterpret_cast<const int4*>(from) + i + 32 * j);
-#pragma unroll
-      for (int j = 0; j < kUnroll; ++j)
-        if (i + 32 * j < n) reinterpret_cast<int4*>(to)[i + 32 * j] = v[j];
-    }
+    copy_raw_row<16, true>(from, to, static_cast<int>(bytes / 16));
   } else {
-    for (size_t i = lane; i < bytes / 4; i += 32)
+    for (size_t i = lane_id(); i < bytes / 4; i += 32)
       reinterpret_cast<int*>(to)[i] = __ldcg(reinterpret_cast<const int*>(from) + i);
   }
 }
@@ -239,39 +264,6 @@ __device__ __forceinline__ void finish_stage(const CallCtx& c, const NormalShape
 }
 
 // ------------------------------------------------------------------ stage
-
-
-// Copy a row of `units` raw units from src to the rows dst[i] >= 0 of `out`
-// (kCoherent: src was released by a peer during this kernel).
-template <int UB, bool kCoherent = false>
-__device__ __forceinline__ void copy_raw_to_rows(const char* src, char* out,
-                                                 const int (&dst)[kMaxTopK], int units) {
-  const int lane = lane_id();
-  for (int u0 = lane; u0 < units; u0 += 32 * kUnroll) {
-    RawUnit<UB, kCoherent> r[kUnroll];
-#pragma unroll
-    for (int j = 0; j < kUnroll; ++j)
-      if (u0 + 32 * j < units) r[j].load(src + static_cast<size_t>(u0 + 32 * j) * UB);
-#pragma unroll
-    for (int i = 0; i < kMaxTopK; ++i) {
-      if (dst[i] < 0) continue;
-#pragma unroll
-      for (int j = 0; j < kUnroll; ++j) {
-        const int u = u0 + 32 * j;
-        if (u < units) r[j].store(out + (static_cast<size_t>(dst[i]) * units + u) * UB);
-      }
-    }
-  }
-}
-
-// Copy a row of `units` raw units from src to one row.
-template <int UB>
-__device__ __forceinline__ void copy_raw_row(const char* src, char* one, int units) {
-  int dst[kMaxTopK];
-#pragma unroll
-  for (int i = 0; i < kMaxTopK; ++i) dst[i] = i == 0 ? 0 : -1;
-  copy_raw_to_rows<UB>(src, one, dst, units);
-}
 
 // Copy (or quantize) this rank's rows, ids and weights into its staging half,
 // then signal every rank. Warp per token; no waits.
@@ -767,15 +759,12 @@ __global__ void __launch_bounds__(kThreads) combine_forward_kernel(CombineArgs a
   }
   quiet_block(c);
   if (last_block_done(c.control + kCtlDoneForward) && threadIdx.x == 0) {
-    for (int m = 0; m < c.nodes; ++m) {
-      if (m == me) continue;
-      for (int j = 0; j < G; ++j) {
-        // j's signal, which this rank checked (the same call signature as its own)
-        const uint64_t word = (static_cast<uint64_t>(c.sig) << 32) | epoch;
-        uint64_t* fwd = reinterpret_cast<uint64_t*>(c.peers.base[c.rank] + c.off.fwd_inbox) + me * G + j;
-        signal_pe(c, fwd, word, m * G + c.rank % G);
-      }
-    }
+    // each j's signal, which this rank checked (the same call signature as its own)
+    const uint64_t word = (static_cast<uint64_t>(c.sig) << 32) | epoch;
+    uint64_t* fwd = reinterpret_cast<uint64_t*>(c.peers.base[c.rank] + c.off.fwd_inbox) + me * G;
+    for (int m = 0; m < c.nodes; ++m)
+      if (m != me)
+        for (int j = 0; j < G; ++j) signal_pe(c, fwd + j, word, m * G + c.rank % G);
   }
 }
 
