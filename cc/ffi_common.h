@@ -37,7 +37,8 @@ int64_t dim(const B& b, int i) {
 }
 
 // The operations a call signature names.
-enum class Op : uint32_t { kDispatch = 1, kCombine = 2, kRedispatch = 3, kLLDispatch = 4, kLLCombine = 5 };
+enum class Op : uint32_t { kDispatch = 1, kCombine = 2, kRedispatch = 3, kLLDispatch = 4, kLLCombine = 5,
+                          kAllReduce = 6 };
 
 // A digest (FNV-1a) of what a call is: the operation and every size that must
 // agree across ranks. It travels with the call's signals, so a peer that

@@ -178,6 +178,27 @@ ffi::Error RedispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y,
   return from_cuda(launch_redispatch(a, stream), "redispatch launch");
 }
 
+ffi::Error AllReduceImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::F32> x,
+                         ffi::Buffer<ffi::S32> epoch_in, ffi::Result<ffi::Buffer<ffi::F32>> y,
+                         ffi::Result<ffi::Buffer<ffi::S32>> epoch, int64_t buffer_id, int64_t num_sms) {
+  count_call(stream);
+  BufferState* st;
+  if (auto err = state_for(buffer_id, device, &st); err.failure()) return err;
+  AllReduceArgs a{};
+  a.c = st->ctx();
+  a.n = static_cast<int64_t>(x.element_count());
+  if (a.n % 4) return ffi::Error::InvalidArgument("jax_ep: all_reduce needs a multiple of 4 values");
+  const Offsets& o = a.c.off;
+  if (auto err = fits(static_cast<size_t>(a.n) * 4, o.idx_stage - o.x_stage, "staging"); err.failure())
+    return err;
+  a.c.sig = call_signature(Op::kAllReduce, {a.n});
+  a.num_sms = clamp_sms(num_sms);
+  a.x = x.typed_data();
+  a.y = y->typed_data();
+  a.epoch_out = epoch->typed_data();
+  return from_cuda(launch_all_reduce(a, stream), "all_reduce launch");
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
@@ -233,6 +254,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ret<ffi::Buffer<ffi::S32>>()
         .Attr<int64_t>("buffer_id")
         .Attr<int64_t>("num_experts")
+        .Attr<int64_t>("num_sms"),
+    {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxEpAllReduce, AllReduceImpl,
+    bind_on_stream()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::S32>>()
+        .Ret<ffi::Buffer<ffi::F32>>()
+        .Ret<ffi::Buffer<ffi::S32>>()
+        .Attr<int64_t>("buffer_id")
         .Attr<int64_t>("num_sms"),
     {ffi::Traits::kCmdBufferCompatible});
 

@@ -79,6 +79,7 @@ NB_MODULE(_ext, m) {
     d["jax_ep_dispatch"] = capsule(jax_ep::JaxEpDispatch);
     d["jax_ep_combine"] = capsule(jax_ep::JaxEpCombine);
     d["jax_ep_redispatch"] = capsule(jax_ep::JaxEpRedispatch);
+    d["jax_ep_all_reduce"] = capsule(jax_ep::JaxEpAllReduce);
     d["jax_ep_ll_dispatch_send"] = capsule(jax_ep::JaxEpLLDispatchSend);
     d["jax_ep_ll_dispatch_recv"] = capsule(jax_ep::JaxEpLLDispatchRecv);
     d["jax_ep_ll_combine_send"] = capsule(jax_ep::JaxEpLLCombineSend);

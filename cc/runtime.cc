@@ -31,6 +31,7 @@ const char* phase_name(uint32_t p) {
     case kPhaseLowLatencyDispatchSend: return "low_latency_dispatch_send";
     case kPhaseLowLatencyCombineSend: return "low_latency_combine_send";
     case kPhaseCombineForward: return "combine (forwarding a node's partial sums)";
+    case kPhaseAllReduceWait: return "all_reduce (waiting for a peer's values)";
     default: return "unknown";
   }
 }

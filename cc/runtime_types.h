@@ -31,6 +31,7 @@ enum Phase : uint32_t {
   kPhaseLowLatencyDispatchSend = 6,
   kPhaseLowLatencyCombineSend = 7,
   kPhaseCombineForward = 8,
+  kPhaseAllReduceWait = 9,
 };
 
 // What a fault record reports.

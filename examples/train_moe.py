@@ -16,6 +16,13 @@ replicated), the batch is split over every device, and one `jax.jit` with
 in/out shardings runs forward, backward, the optax update and the
 auxiliary-loss-free bias update. Without a GPU it runs on 8 simulated CPU
 devices.
+
+Where XLA's collectives cannot run (several processes sharing one GPU, as
+`python -m jax_ep.launch --share-gpu` starts them), `--collectives jax_ep` (the
+default there) writes the same step per device in one `shard_map`: each device
+draws its own share of the batch, and the gradients of the replicated
+parameters, the loss, the gradient norm and the layers' load statistics are
+summed by `jax_ep.all_reduce` on the layers' Buffer. The mesh is then 1 x N.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
+import jax_ep  # noqa: E402
 from jax_ep.flax import MoE, update_bias  # noqa: E402
 
 
@@ -64,6 +72,7 @@ class LMConfig:
     fp8: bool = False
     backend: str = "auto"
     moe_dtype: str = "float32"  # compute dtype of the MoE layers (and their Buffer)
+    collectives: str = "xla"  # how the MoE layers sum their statistics ("xla" or "jax_ep")
 
 
 class Attention(nnx.Module):
@@ -100,7 +109,7 @@ class Block(nnx.Module):
             cfg.dim, cfg.expert_ffn, cfg.experts, cfg.top_k, mesh=mesh, ep_axis="ep",
             n_group=cfg.n_group, topk_group=cfg.topk_group, num_shared_experts=cfg.shared_experts,
             capacity_factor=cfg.capacity_factor, fp8=cfg.fp8, backend=cfg.backend,
-            dtype=jnp.dtype(cfg.moe_dtype), rngs=rngs,
+            collectives=cfg.collectives, dtype=jnp.dtype(cfg.moe_dtype), rngs=rngs,
         )
 
     def __call__(self, x, cache, start, decode=False):
@@ -224,6 +233,55 @@ def make_train_step(graphdef, optimizer, bias_rate: float):
     return train_step
 
 
+def _has_ep(sharding) -> bool:
+    spec = getattr(sharding, "spec", ())
+    return any(a == "ep" or (isinstance(a, tuple) and "ep" in a) for a in spec)
+
+
+def make_train_step_per_device(graphdef, optimizer, bias_rate: float, expert_leaf, num_devices: int,
+                               max_norm: float = 1.0):
+    """The step of `make_train_step` written for one device of a 1 x N mesh, to run
+    inside `shard_map(check_vma=False)`; its only communication is jax_ep's.
+
+    `expert_leaf`: per parameter leaf, whether it is split over "ep" (its gradient
+    is complete on its device); every other leaf is replicated, and its gradient
+    is summed over the devices. Gradients are of the sum of the N local mean
+    losses, so all of them are divided by N (the global mean), then clipped by the
+    global norm as `optax.clip_by_global_norm` does; `optimizer` must not clip.
+    """
+    n = num_devices
+
+    def train_step(params, rest, opt_state, tokens):
+        def loss_fn(p):
+            logits, stats, _ = nnx.merge(graphdef, p, rest)(tokens[:, :-1])
+            return cross_entropy(logits, tokens[:, 1:]), stats
+
+        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        leaves, tdef = jax.tree.flatten(grads)
+        shared = [g for g, e in zip(leaves, expert_leaf) if not e]
+        expert_sq = sum((jnp.sum(jnp.square(g)) for g, e in zip(leaves, expert_leaf) if e), jnp.zeros(()))
+        buf = nnx.merge(graphdef, params, rest).moe_layers[0]
+        shared, loss, expert_sq = jax_ep.all_reduce(
+            (shared, loss, expert_sq), axis_name="ep", buffer=buf.buffer, backend=buf.backend)
+        it = iter(shared)
+        leaves = [(g if e else next(it)) / n for g, e in zip(leaves, expert_leaf)]
+        norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g, e in zip(leaves, expert_leaf) if not e)
+                        + expert_sq / (n * n))
+        scale = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+        grads = jax.tree.unflatten(tdef, [g * scale for g in leaves])
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        model = nnx.merge(graphdef, params, rest)
+        for moe, st in zip(model.moe_layers, stats):
+            update_bias(moe, st.tokens_per_expert, bias_rate)
+        rest = nnx.state(model, nnx.Not(nnx.Param))
+        loads = jnp.stack([st.tokens_per_expert for st in stats])
+        violation = jnp.stack([st.max_violation for st in stats])
+        return params, rest, opt_state, loss / n, loads, violation
+
+    return train_step
+
+
 class Progress:
     """A rich (or tqdm) progress bar when available, plain lines otherwise."""
 
@@ -280,30 +338,39 @@ def save_plot(path: str, losses, violations):
 
 
 def fit(model: MoELM, mesh, tables, *, steps: int, batch: int, seq: int, lr: float = 3e-3,
-        bias_rate: float = 1e-3, seed: int = 0, on_step=None) -> dict:
+        bias_rate: float = 1e-3, seed: int = 0, on_step=None, collectives: str = "xla") -> dict:
     """Train `model` in place on generated batches; returns the history.
 
     `on_step(step, loss, imbalance, tokens_per_s)` is called after every step.
+    `collectives="jax_ep"`: the per-device step (`make_train_step_per_device`)
+    on a 1 x N mesh, each device drawing its share of every batch.
     """
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(20, steps), max(steps, 21))
-    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
+    per_device = collectives == "jax_ep"
+    clip = optax.identity() if per_device else optax.clip_by_global_norm(1.0)  # per device: in the step
+    optimizer = optax.chain(clip, optax.adamw(schedule, weight_decay=0.01))
     data_sh = NamedSharding(mesh, P(("data", "ep"), None))
     repl = NamedSharding(mesh, P())
     param_sh = jax.tree.map(lambda a: a.sharding, params)
     rest_sh = jax.tree.map(lambda a: a.sharding, rest)
     # Moments follow their parameters; scalars (step counts) are replicated.
     opt_state = jax.jit(optimizer.init)(params)
-    opt_sh = jax.tree.map(lambda a: a.sharding if isinstance(a.sharding, NamedSharding) else repl, opt_state)
+    opt_sh = optax.tree_map_params(optimizer, lambda _, sh: sh, opt_state, param_sh,
+                                   transform_non_params=lambda _: repl)
     opt_state = jax.device_put(opt_state, opt_sh)
 
-    batches = jax.jit(lambda k: make_batch(k, tables, batch, seq), out_shardings=data_sh)
-    step_fn = jax.jit(
-        make_train_step(graphdef, optimizer, bias_rate),
-        in_shardings=(param_sh, rest_sh, opt_sh, data_sh),
-        out_shardings=(param_sh, rest_sh, opt_sh, repl, repl, repl),
-        donate_argnums=(0, 1, 2),
-    )
+    if per_device:
+        batches, step_fn = _per_device_fns(graphdef, optimizer, bias_rate, mesh, tables, batch, seq,
+                                           (param_sh, rest_sh, opt_sh))
+    else:
+        batches = jax.jit(lambda k: make_batch(k, tables, batch, seq), out_shardings=data_sh)
+        step_fn = jax.jit(
+            make_train_step(graphdef, optimizer, bias_rate),
+            in_shardings=(param_sh, rest_sh, opt_sh, data_sh),
+            out_shardings=(param_sh, rest_sh, opt_sh, repl, repl, repl),
+            donate_argnums=(0, 1, 2),
+        )
 
     key = jax.random.key(seed + 1)
     hist = dict(loss=[], imbalance=[], loads=None)
@@ -326,6 +393,26 @@ def fit(model: MoELM, mesh, tables, *, steps: int, batch: int, seq: int, lr: flo
     return hist
 
 
+def _per_device_fns(graphdef, optimizer, bias_rate, mesh, tables, batch, seq, shardings):
+    """(batches, step) of the per-device step: no XLA collective anywhere."""
+    n = mesh.size
+    if mesh.shape["data"] != 1:
+        raise SystemExit(f"--collectives jax_ep needs the mesh 1 x N (--ep {n}), got {dict(mesh.shape)}")
+    specs = jax.tree.map(lambda sh: sh.spec, shardings)
+    tok = P(("data", "ep"), None)
+    expert_leaf = [_has_ep(sh) for sh in jax.tree.leaves(shardings[0])]
+
+    def draw(key):
+        return make_batch(jax.random.fold_in(key, jax.lax.axis_index("ep")), tables, batch // n, seq)
+
+    batches = jax.jit(jax.shard_map(draw, mesh=mesh, in_specs=P(), out_specs=tok, check_vma=False))
+    step = jax.shard_map(
+        make_train_step_per_device(graphdef, optimizer, bias_rate, expert_leaf, n), mesh=mesh,
+        in_specs=(*specs, tok), out_specs=(*specs, P(), P(), P()), check_vma=False,
+    )
+    return batches, jax.jit(step, donate_argnums=(0, 1, 2))
+
+
 def make_buffer(model: MoELM, mesh, tokens_per_rank: int, backend: str, low_latency: bool = False):
     """On GPUs, a jax_ep.Buffer so that backend "auto"/"cuda" runs the kernels."""
     if backend == "xla" or mesh.devices.flat[0].platform != "gpu":
@@ -345,7 +432,7 @@ def make_config(args, max_len: int) -> LMConfig:
         max_len=max_len, layers=args.layers, experts=args.experts, top_k=args.top_k,
         n_group=4 if grouped else 1, topk_group=2 if grouped else 1,
         capacity_factor=args.capacity_factor or None, fp8=args.fp8, backend=args.backend,
-        moe_dtype=args.dtype,
+        moe_dtype=args.dtype, collectives=getattr(args, "collectives", "xla"),
     )
 
 
@@ -358,6 +445,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bias-rate", type=float, default=1e-3, help="balancing bias step per update")
     add_model_args(p)
     p.add_argument("--plot", default=None, help="save the loss curve to this PNG")
+    p.add_argument("--collectives", choices=("auto", "xla", "jax_ep"), default="auto",
+                   help="reductions by XLA, or by jax_ep.all_reduce in a per-device step (auto: "
+                        "jax_ep where processes share one GPU, JAX_EP_SHARED_GPU=1)")
     return p
 
 
@@ -390,6 +480,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit("--steps must be at least 1")
     init_distributed()
     lead = jax.process_index() == 0
+    if args.collectives == "auto":
+        shared = os.environ.get("JAX_EP_SHARED_GPU") == "1" and jax.process_count() > 1
+        args.collectives = "jax_ep" if shared else "xla"
+    if args.collectives == "jax_ep" and args.ep is None:
+        args.ep = jax.device_count()
     mesh = make_mesh(args.ep)
     n = mesh.size
     if args.batch % n:
@@ -402,13 +497,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"MoE LM: {cfg.layers} layers, dim {cfg.dim}, {cfg.experts} experts top-{cfg.top_k}, "
               f"{n_params / 1e6:.2f}M parameters; mesh {dict(mesh.shape)} on "
               f"{mesh.devices.flat[0].platform}, backend {args.backend}"
-              f"{', fp8 dispatch' if args.fp8 else ''}, {args.dtype}; batch {args.batch} x {args.seq} tokens")
+              f"{', fp8 dispatch' if args.fp8 else ''}, {args.dtype}; batch {args.batch} x {args.seq} tokens"
+              f"{'; reductions by jax_ep.all_reduce' if args.collectives == 'jax_ep' else ''}")
 
     progress = Progress(args.steps, lead)
     t_start = time.perf_counter()
     hist = fit(
         model, mesh, successor_tables(cfg.vocab, args.topics), steps=args.steps, batch=args.batch,
-        seq=args.seq, lr=args.lr, bias_rate=args.bias_rate, seed=args.seed,
+        seq=args.seq, lr=args.lr, bias_rate=args.bias_rate, seed=args.seed, collectives=args.collectives,
         on_step=lambda s, loss, imb, tps: progress.update(
             s, f"loss {loss:.3f}  imbalance {imb:.2f}  {tps:,.0f} tok/s"),
     )

@@ -17,7 +17,9 @@ GPUs (found with `nvidia-smi -L`, restricted to CUDA_VISIBLE_DEVICES when set):
   --share-gpu    every process on the first GPU, with XLA_PYTHON_CLIENT_PREALLOCATE=false
                  unless a preallocation or memory fraction is already set, and, without
                  --sms-per-rank (or JAX_EP_NUM_SMS in the environment), JAX_EP_NUM_SMS=SMs//N
-                 so that the waiting kernels of all N processes fit the GPU at once.
+                 so that the waiting kernels of all N processes fit the GPU at once;
+                 JAX_EP_SHARED_GPU=1 tells programs that XLA's collectives (NCCL)
+                 cannot run between these processes (`jax_ep.all_reduce` can).
   --mps          starts the CUDA MPS daemon for the job (pipe and log directories in a
                  fresh temporary directory) and stops it afterwards.
   --sms-per-rank caps each process at S SMs: JAX_EP_NUM_SMS=S for the library and
@@ -130,6 +132,8 @@ def _rank_envs(args: argparse.Namespace, gpus: list[str] | None, port: int,
     )
     if gpus is None:
         base.setdefault("JAX_PLATFORMS", "cpu")
+    elif args.share_gpu and args.nproc > 1:
+        base["JAX_EP_SHARED_GPU"] = "1"  # XLA's collectives cannot run between these processes
     if args.share_gpu and not any(
         v in os.environ for v in ("XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION")
     ):

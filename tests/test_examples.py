@@ -53,3 +53,56 @@ def test_decode_low_latency():
     out = run(["examples/decode_low_latency.py", "--steps", "3", "--hidden", "256", "--tokens", "16"])
     assert "split + overlap" in out and "fused" in out and "us per step" in out
     assert "first step vs float32 reference" in out and out.rstrip().endswith("check passed")
+
+
+def test_train_moe_collectives_jax_ep():
+    """The per-device step (reductions by jax_ep.all_reduce) on the command line."""
+    out = run(["examples/train_moe.py", "--steps", "3", "--layers", "1", "--collectives", "jax_ep"])
+    assert "reductions by jax_ep.all_reduce" in out and "'data': 1, 'ep': 8" in out
+
+
+def test_per_device_step_equals_the_pjit_step():
+    """One step of each on the same tokens: the same loss, statistics and parameters."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    import train_moe as tm
+
+    mesh = tm.make_mesh(8)
+    tables = tm.successor_tables(128, 4)
+    tokens = tm.make_batch(jax.random.key(3), tables, 16, 17)
+    outs = []
+    for coll in ("xla", "jax_ep"):
+        cfg = tm.LMConfig(max_len=16, layers=1, collectives=coll, capacity_factor=None)
+        graphdef, params, rest = nnx.split(tm.build(cfg, mesh), nnx.Param, ...)
+        shardings = tuple(jax.tree.map(lambda a: a.sharding, t) for t in (params,))
+        clip = optax.identity() if coll == "jax_ep" else optax.clip_by_global_norm(1.0)
+        opt = optax.chain(clip, optax.adamw(1e-2))
+        state = opt.init(params)
+        if coll == "xla":
+            step = jax.jit(tm.make_train_step(graphdef, opt, 1e-3))
+        else:
+            repl = NamedSharding(mesh, P())
+            state_sh = optax.tree_map_params(opt, lambda _, sh: sh, state, shardings[0],
+                                             transform_non_params=lambda _: repl)
+            state = jax.device_put(state, state_sh)
+            rest_sh = jax.tree.map(lambda a: a.sharding, rest)
+            _, step = tm._per_device_fns(graphdef, opt, 1e-3, mesh, tables, 16, 17,
+                                         (shardings[0], rest_sh, state_sh))
+        x = jax.device_put(tokens, NamedSharding(mesh, P(("data", "ep"), None)))
+        outs.append(jax.device_get(step(params, rest, state, x)))
+    (p0, r0, _, l0, load0, v0), (p1, r1, _, l1, load1, v1) = outs
+    np.testing.assert_allclose(l1, l0, rtol=1e-5)
+    np.testing.assert_array_equal(load1, load0)
+    np.testing.assert_allclose(v1, v0, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p0)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-6)
+    for a, b in zip(jax.tree.leaves(r1), jax.tree.leaves(r0)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    assert not np.allclose(np.asarray(jax.tree.leaves(p1)[0]),
+                           np.asarray(jax.tree.leaves(nnx.split(tm.build(cfg, mesh), nnx.Param, ...)[1])[0]))

@@ -894,6 +894,45 @@ __global__ void __launch_bounds__(kThreads) redispatch_kernel(RedispatchArgs a) 
   close_call(c, c.control + kCtlDoneExpand, epoch, a.epoch_out);
 }
 
+// ------------------------------------------------------------------ all_reduce
+
+// Copy x into this rank's staging half, then signal every rank.
+__global__ void __launch_bounds__(kThreads) all_reduce_stage_kernel(AllReduceArgs a) {
+  const CallCtx& c = a.c;
+  const uint32_t epoch = current_epoch(c);
+  float4* to = reinterpret_cast<float4*>(half_base(c, c.rank, epoch) + c.off.x_stage);
+  const float4* from = reinterpret_cast<const float4*>(a.x);
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; i < a.n / 4;
+       i += static_cast<int64_t>(gridDim.x) * kThreads)
+    to[i] = from[i];
+  if (last_block_done(c.control + kCtlDoneStage) && threadIdx.x == 0) signal_all(c, epoch);
+}
+
+// y[i] = x_0[i] + x_1[i] + ... in rank order (this rank's own values from x).
+__global__ void __launch_bounds__(kThreads) all_reduce_sum_kernel(AllReduceArgs a) {
+  const CallCtx& c = a.c;
+  const uint32_t epoch = current_epoch(c);
+  wait_all(c, kPhaseAllReduceWait, epoch);
+  const float4* mine = reinterpret_cast<const float4*>(a.x);
+  float4* y = reinterpret_cast<float4*>(a.y);
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; i < a.n / 4;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    float4 acc;
+    for (int r = 0; r < c.nranks; ++r) {
+      const float4 v = r == c.rank ? mine[i]
+                                   : __ldcg(reinterpret_cast<const float4*>(half_base(c, r, epoch) +
+                                                                            c.off.x_stage) + i);
+      if (r == 0) {
+        acc = v;
+      } else {
+        acc.x += v.x, acc.y += v.y, acc.z += v.z, acc.w += v.w;
+      }
+    }
+    y[i] = acc;
+  }
+  close_call(c, c.control + kCtlDoneRecv, epoch, a.epoch_out);
+}
+
 // ------------------------------------------------------------------ launch
 
 template <typename F, typename... Args>
@@ -1004,6 +1043,11 @@ cudaError_t launch_combine(const CombineArgs& a, cudaStream_t stream) {
 
 cudaError_t launch_redispatch(const RedispatchArgs& a, cudaStream_t stream) {
   return a.dtype == DType::kF32 ? redispatch_typed<32>(a, stream) : redispatch_typed<16>(a, stream);
+}
+
+cudaError_t launch_all_reduce(const AllReduceArgs& a, cudaStream_t stream) {
+  if (a.c.nranks > 1) JAX_EP_RETURN_IF_ERROR(launch(all_reduce_stage_kernel, a.num_sms, 0, stream, a));
+  return launch(all_reduce_sum_kernel, a.num_sms, 0, stream, a);
 }
 
 }  // namespace jax_ep

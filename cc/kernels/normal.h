@@ -89,9 +89,23 @@ struct RedispatchArgs {
   int32_t* epoch_out;
 };
 
+// y = the sum over the group's ranks of x (float32, n a multiple of 4), added in
+// rank order: each rank stages x in its buffer and signals; every rank then reads
+// all stagings. Every rank waits for every other, so the epoch halves keep
+// consecutive calls apart as in dispatch.
+struct AllReduceArgs {
+  CallCtx c;
+  int num_sms;
+  int64_t n;
+  const float* x;
+  float* y;
+  int32_t* epoch_out;
+};
+
 // Each returns the first CUDA error of its launches.
 cudaError_t launch_dispatch(const DispatchArgs& a, cudaStream_t stream);
 cudaError_t launch_combine(const CombineArgs& a, cudaStream_t stream);
 cudaError_t launch_redispatch(const RedispatchArgs& a, cudaStream_t stream);
+cudaError_t launch_all_reduce(const AllReduceArgs& a, cudaStream_t stream);
 
 }  // namespace jax_ep

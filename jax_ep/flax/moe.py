@@ -106,12 +106,19 @@ class MoE(nnx.Module):
       backend:       jax_ep backend ("auto", "xla", "cuda").
       buffer:        a `jax_ep.Buffer` for the CUDA kernels (None: the
                      "default" one of the axis, see `create_buffer`).
+      collectives:   how the load statistics are summed over `token_axes`:
+                     "xla" (`lax.psum`) or "jax_ep" (`jax_ep.all_reduce` on
+                     the Buffer; for processes that share one GPU, where XLA's
+                     collectives cannot run; the other token axes must have size 1).
       dtype:         compute dtype (default: the input's); params are kept in
                      `param_dtype`.
       rngs:          `nnx.Rngs` for the initializers.
 
     Calling the layer returns `(y, stats)`: y has x's shape and dtype, stats
-    is a `MoEStats` for logging and for `update_bias`.
+    is a `MoEStats` for logging and for `update_bias`. Called inside a
+    `shard_map` whose manual axes include `token_axes` (a training step written
+    per device), the layer takes that device's tokens and parameter shards as
+    they are and runs no shard_map of its own.
     """
 
     def __init__(
@@ -136,6 +143,7 @@ class MoE(nnx.Module):
         ll_max_tokens: Optional[int] = None,
         backend: str = "auto",
         buffer: Optional[jax_ep.Buffer] = None,
+        collectives: str = "xla",
         dtype=None,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
@@ -157,6 +165,14 @@ class MoE(nnx.Module):
         if fp8 and hidden % jax_ep.fp8.BLOCK:
             raise ValueError(f"fp8=True needs hidden to be a multiple of {jax_ep.fp8.BLOCK}, got {hidden}")
         check_gating(num_experts, top_k, n_group, topk_group)
+        if collectives not in ("xla", "jax_ep"):
+            raise ValueError(f"collectives must be 'xla' or 'jax_ep', got {collectives!r}")
+        if collectives == "jax_ep" and any(mesh.shape[a] != 1 for a in tokens if a not in ep):
+            raise ValueError(
+                "collectives='jax_ep' sums over the EP group only: the other token_axes "
+                f"{[a for a in tokens if a not in ep]} must have size 1"
+            )
+        self.collectives = collectives
         self.mesh = mesh
         self.ep_axis = ep if len(ep) > 1 else ep[0]
         self.token_axes = tokens
@@ -233,10 +249,13 @@ class MoE(nnx.Module):
             raise ValueError(f"x must have shape [..., {self.hidden}], got {list(x.shape)}")
         shape = x.shape
         flat = x.reshape(-1, self.hidden)
+        # Inside a shard_map over the token axes already (a step written per device):
+        # x and the parameters are this device's, and the layer runs as they are.
+        inside = set(self.token_axes) <= set(jax.sharding.get_abstract_mesh().manual_axes)
         n_dev = 1
         for a in self.token_axes:
             n_dev *= self.mesh.shape[a]
-        if flat.shape[0] % n_dev:
+        if not inside and flat.shape[0] % n_dev:
             raise ValueError(
                 f"x has {flat.shape[0]} tokens, not divisible by the {n_dev} devices of "
                 f"token_axes {self.token_axes}"
@@ -253,10 +272,13 @@ class MoE(nnx.Module):
                 params = params + (None, None)
             y, idx, dropped, overflow = body(x_loc.astype(dtype), *params)
             load = expert_load(idx, self.num_experts)
-            load, dropped, overflow = jax.lax.psum((load, dropped, overflow), self.token_axes)
+            load, dropped, overflow = self._sum_stats((load, dropped, overflow))
             return y.astype(x.dtype), MoEStats(load, max_violation(load), dropped, overflow)
 
         params = self._params() if has_shared else self._params()[:4]
+        if inside:
+            y, stats = per_rank(flat, *params)
+            return y.reshape(shape), stats
         fn = jax.shard_map(
             per_rank, mesh=self.mesh, in_specs=in_specs,
             out_specs=(tok, MoEStats(rep, rep, rep, rep)),
@@ -266,6 +288,14 @@ class MoE(nnx.Module):
             flat = jax.sharding.reshard(flat, NamedSharding(self.mesh, tok))
         y, stats = fn(flat, *params)
         return y.reshape(shape), stats
+
+    def _sum_stats(self, stats):
+        """Sum per-device statistics over token_axes: XLA's psum, or jax_ep.all_reduce
+        on the layer's Buffer (processes sharing one GPU, where XLA's collectives
+        cannot run)."""
+        if self.collectives == "xla":
+            return jax.lax.psum(stats, self.token_axes)
+        return jax_ep.all_reduce(stats, axis_name=self.ep_axis, buffer=self.buffer, backend=self.backend)
 
     def _train_body(self, x, router, bias, w_gate_up, w_down, s_gate_up, s_down):
         """Normal mode on one rank: x [T, H] -> y [T, H]."""
