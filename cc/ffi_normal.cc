@@ -186,6 +186,9 @@ ffi::Error AllReduceImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::F
   if (auto err = state_for(buffer_id, device, &st); err.failure()) return err;
   AllReduceArgs a{};
   a.c = st->ctx();
+  if (a.c.nodes > 1)
+    return ffi::Error::InvalidArgument(
+        "jax_ep: all_reduce reads every rank's memory, so it needs a Buffer of one node (num_nodes=1)");
   a.n = static_cast<int64_t>(x.element_count());
   if (a.n % 4) return ffi::Error::InvalidArgument("jax_ep: all_reduce needs a multiple of 4 values");
   const Offsets& o = a.c.off;
