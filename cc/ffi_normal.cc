@@ -35,7 +35,7 @@ ffi::Error check_shape(const NormalShape& s, int nranks) {
 }
 
 ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
-                        ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> w,
+                        ffi::Buffer<ffi::F32> x_scales, ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> w,
                         ffi::Result<ffi::AnyBuffer> out_x, ffi::Result<ffi::Buffer<ffi::F32>> out_scales,
                         ffi::Result<ffi::Buffer<ffi::F32>> out_w,
                         ffi::Result<ffi::Buffer<ffi::S32>> out_topk,
@@ -60,15 +60,21 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
   a.s.Kr = a.s.tokens_layout ? 1 : std::min(a.s.K, a.s.El);
   a.s.C = static_cast<int>(dim(*out_x, 0));
   a.s.Tmax = st->max_tokens();
-  if (!to_dtype(x.element_type(), &a.in_dtype))
-    return ffi::Error::InvalidArgument("jax_ep: x must be bfloat16, float16 or float32");
   a.out_kind = static_cast<int>(out_kind);
+  const bool pre = x.element_type() == ffi::DataType::F8E4M3FN;  // an Fp8Array's data
+  if (pre) {
+    a.in_dtype = DType::kBF16;  // unused: the rows are copied as they are
+    if (a.out_kind == kOutSame || static_cast<int64_t>(x_scales.element_count()) != dim(x, 0) * (dim(x, 1) / 128))
+      return ffi::Error::InvalidArgument("jax_ep: FP8 x needs its [T, H/128] scales and an FP8 dispatch");
+  } else if (!to_dtype(x.element_type(), &a.in_dtype)) {
+    return ffi::Error::InvalidArgument("jax_ep: x must be bfloat16, float16, float32 or FP8 e4m3");
+  }
   if (a.out_kind == kOutDequant && !to_dtype(out_x->element_type(), &a.out_dtype))
     return ffi::Error::InvalidArgument("jax_ep: out_dtype must be bfloat16, float16 or float32");
   if (a.s.T > a.s.Tmax)
     return ffi::Error::InvalidArgument("jax_ep: more tokens than the Buffer's max_tokens_per_rank");
   const Offsets& o = a.c.off;
-  const size_t es = x.element_type() == ffi::DataType::F32 ? 4 : 2;
+  const size_t es = x.element_type() == ffi::DataType::F32 ? 4 : 2;  // (not used by FP8 x)
   const size_t stage = a.out_kind == kOutSame
                            ? static_cast<size_t>(a.s.T) * a.s.H * es
                            : (static_cast<size_t>(a.s.Tmax) * a.s.H + 255) / 256 * 256 +
@@ -76,9 +82,10 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
   if (auto err = check_shape(a.s, R); err.failure()) return err;
   if (auto err = fits(stage, o.idx_stage - o.x_stage, "staging"); err.failure()) return err;
   a.c.sig = call_signature(Op::kDispatch, {a.s.T, a.s.H, a.s.K, a.s.E, a.s.tokens_layout, a.s.C,
-                                           static_cast<int>(a.in_dtype), a.out_kind});
+                                           static_cast<int>(a.in_dtype), a.out_kind, pre});
   a.num_sms = clamp_sms(num_sms);
   a.x = x.untyped_data();
+  a.x_scales = pre ? x_scales.typed_data() : nullptr;
   a.idx = idx.typed_data();
   a.w = w.typed_data();
   a.out_x = out_x->untyped_data();
@@ -208,6 +215,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JaxEpDispatch, DispatchImpl,
     bind_on_stream()
         .Arg<ffi::AnyBuffer>()
+        .Arg<ffi::Buffer<ffi::F32>>()
         .Arg<ffi::Buffer<ffi::S32>>()
         .Arg<ffi::Buffer<ffi::F32>>()
         .Ret<ffi::AnyBuffer>()

@@ -84,7 +84,9 @@ Limits (BENCHMARKS.md "Limits on one GPU")
   held to a share of the SMs). All are printed; `--copy-gbps` replaces B by a given
   value (an EP1 run's, say).
 - HBM roofline: dispatch moves `sum_r (T*H*b_in + rows_out(r)*H*b)`, combine the
-  reverse, with `b_in` = 2 (BF16 input), `b` = 2 for BF16 and 1 + 4/128 for FP8;
+  reverse, with `b_in` = 2 (BF16 input; FP8's bytes for `fp8in`, an `Fp8Array`
+  quantized before the timing, as DeepEP's FP8 test passes), `b` = 2 for BF16 and
+  1 + 4/128 for FP8;
   `rows_out` = rows_exp (experts layout) or rows_tok (tokens layout). The sum runs
   over the ranks that share a GPU (all of them on the one-GPU harness; one rank per
   GPU otherwise, where the slowest GPU counts, and the NVLink line rate
@@ -92,7 +94,7 @@ Limits (BENCHMARKS.md "Limits on one GPU")
 - Staging ceiling: adds `sum_r 2*rows_tok(r)*H*b` (each transferred row written to
   and read from a communication buffer).
 - Logical bandwidth per rank (DeepEP's): `rows_tok * H * 2 / 1e9 / s` for BF16,
-  times (1 + 4/128) / 2 for FP8; the mean over ranks.
+  times (1 + 4/128) / 2 for FP8 (`fp8` and `fp8in`); the mean over ranks.
 - Low latency: message bytes fp8 = H + H/128*4 + 16, bf16 = 2*H; bytes per rank =
   count(topk_idx != -1) x message; GB/s = bytes / s; "copy" = the ratio to a copy
   of the same bytes per rank, timed the same way on every rank at once. Rows:
@@ -131,7 +133,11 @@ from . import routing_gen
 
 EP = "ep"
 FP8_BLOCK = 128
-WIRE_BYTES = {"bf16": 2.0, "fp8": 1.0 + 4.0 / FP8_BLOCK}
+WIRE_BYTES = {"bf16": 2.0, "fp8": 1.0 + 4.0 / FP8_BLOCK, "fp8in": 1.0 + 4.0 / FP8_BLOCK}
+# Dispatch dtypes of the normal mode: "fp8" quantizes BF16 input inside the call;
+# "fp8in" passes an Fp8Array quantized before the timing (what DeepEP's test times:
+# its FP8 dispatch takes pre-quantized rows).
+FP8_DTYPES = ("fp8", "fp8in")
 DEFAULT_SMS_PER_GPU = 132
 LL_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 KV_TIMEOUT_S = 900.0  # ranks wait for each other at most this long (compiles included)
@@ -161,7 +167,7 @@ def wire_bytes(dtype: str) -> float:
 def logical_gbps(rows_tok: float, hidden: int, seconds: float, dtype: str = "bf16") -> float:
     """DeepEP's per-rank bandwidth: rows_tok * H * 2 / 1e9 / s, FP8 x (1 + 4/128) / 2."""
     gb = rows_tok * hidden * 2 / 1e9
-    if dtype == "fp8":
+    if dtype in FP8_DTYPES:
         gb *= (1 + 4 / FP8_BLOCK) / 2
     return gb / seconds
 
@@ -169,14 +175,15 @@ def logical_gbps(rows_tok: float, hidden: int, seconds: float, dtype: str = "bf1
 def normal_bytes(direction: str, tokens: int, hidden: int, rows_out, rows_tok, dtype: str = "bf16"):
     """(roofline bytes, staging-ceiling bytes) per rank, float64 arrays [R].
 
-    dispatch: T*H*b_in + rows_out*H*b (b_in = 2, BF16 input); combine: rows_out*H*2 +
-    T*H*2. Staging adds 2*rows_tok*H*b.
+    dispatch: T*H*b_in + rows_out*H*b (b_in = 2, BF16 input; FP8 for "fp8in");
+    combine: rows_out*H*2 + T*H*2. Staging adds 2*rows_tok*H*b.
     """
     rows_out = np.asarray(rows_out, np.float64)
     rows_tok = np.asarray(rows_tok, np.float64)
     if direction == "dispatch":
         b = wire_bytes(dtype)
-        roof = tokens * hidden * 2.0 + rows_out * hidden * b
+        b_in = b if dtype == "fp8in" else 2.0
+        roof = tokens * hidden * b_in + rows_out * hidden * b
     elif direction == "combine":
         b = 2.0
         roof = rows_out * hidden * b + tokens * hidden * 2.0
@@ -1339,7 +1346,8 @@ def _deepep(job: Job, direction: str, dtype: str, sms, shape: dict):
         return None
     if any(shape[k] != v for k, v in DEEPEP_SHAPE.items()):
         return None
-    return DEEPEP.get((job.R, sms), {}).get((direction, dtype))
+    # DeepEP's FP8 figure is of pre-quantized rows: "fp8in" is the like-for-like row
+    return DEEPEP.get((job.R, sms), {}).get((direction, "fp8" if dtype == "fp8in" else dtype))
 
 
 def _start(args):
@@ -1350,7 +1358,7 @@ def _start(args):
     dtypes = _names(args.dtype)
     for d in dtypes:
         if d not in WIRE_BYTES:
-            raise SystemExit(f"--dtype: {d!r} is not bf16 or fp8")
+            raise SystemExit(f"--dtype: {d!r} is not bf16, fp8 or fp8in")
     return job, Run(args, job), dtypes
 
 
@@ -1361,9 +1369,9 @@ def run_normal(args) -> int:
 
     job, run, dtypes = _start(args)
     R, H, E, K = job.R, args.hidden, args.experts, args.top_k
-    if "fp8" in dtypes and H % FP8_BLOCK:
+    if any(d in FP8_DTYPES for d in dtypes) and H % FP8_BLOCK:
         run.notes.append(f"fp8 skipped: hidden {H} is not a multiple of {FP8_BLOCK}")
-        dtypes = [d for d in dtypes if d != "fp8"]
+        dtypes = [d for d in dtypes if d not in FP8_DTYPES]
     layouts = _names(args.layout)
     xla_ok, xla_why = job.xla_runs
     cuda_ok, cuda_why = job.cuda_runs()
@@ -1501,7 +1509,7 @@ def _normal_layout(run: Run, job: Job, args, T, layout, C, dtypes, routing: Rout
 
             def op(xv, iv, wv):
                 return jax_ep.dispatch(xv, iv, wv, num_experts=E, axis_name=EP, max_rows=C,
-                                       layout=layout, fp8=(dtype == "fp8"),
+                                       layout=layout, fp8=(dtype in FP8_DTYPES),
                                        buffer=buf if backend == "cuda" else None, config=cfg,
                                        backend=backend)
             ops[key] = op
@@ -1518,6 +1526,11 @@ def _normal_layout(run: Run, job: Job, args, T, layout, C, dtypes, routing: Rout
         return ops[key]
 
     weighted = layout == "experts"  # the tokens layout applies its weights in the experts
+    xq = sharded(job, ops.setdefault("quantize", jax_ep.fp8.quantize))(x) if "fp8in" in dtypes else None
+
+    def x_of(dtype):
+        """The timed call's input: FP8 rows quantized beforehand for "fp8in"."""
+        return xq if dtype == "fp8in" else x
 
     # ---- xla: the reference and a baseline
     ref = {}
@@ -1527,7 +1540,7 @@ def _normal_layout(run: Run, job: Job, args, T, layout, C, dtypes, routing: Rout
             # combine always moves BF16: its inputs come from a BF16 dispatch
             for dtype in dtypes + ([] if "bf16" in dtypes else ["bf16"]):
                 try:
-                    out = sharded(job, dispatch_op("xla", dtype, None))(x, idx, w)
+                    out = sharded(job, dispatch_op("xla", dtype, None))(x_of(dtype), idx, w)
                     if dtype in dtypes:
                         ref[("dispatch", dtype)] = _dispatch_view(out)
                     if dtype == "bf16":
@@ -1550,7 +1563,8 @@ def _normal_layout(run: Run, job: Job, args, T, layout, C, dtypes, routing: Rout
                 if direction == "dispatch":
                     if ("error", dtype) in ref:
                         raise RuntimeError(ref[("error", dtype)])
-                    row = run.timed_row(row, name, dispatch_op("xla", dtype, None), (x, idx, w), flush=True)
+                    row = run.timed_row(row, name, dispatch_op("xla", dtype, None), (x_of(dtype), idx, w),
+                                        flush=True)
                 else:
                     if "combine_ins" not in ref:
                         raise RuntimeError(ref.get(("error", "bf16"), "no BF16 dispatch to combine"))
@@ -1606,14 +1620,14 @@ def _normal_layout(run: Run, job: Job, args, T, layout, C, dtypes, routing: Rout
                 try:
                     if direction == "dispatch":
                         op = dispatch_op("cuda", dtype, sms)
-                        out = sharded(job, op)(x, idx, w)
+                        out = sharded(job, op)(x_of(dtype), idx, w)
                         row["check"] = _check_against(run, job, args, ref, ("dispatch", dtype),
                                                       _dispatch_view(out), xla_ok)
                         row["overflow"] = _overflow(out)
                         if dtype == "bf16":
                             combine_ins = (out.x, out.weights, out.handle) if weighted else (out.x, out.handle)
                         del out
-                        row = run.timed_row(row, name, op, (x, idx, w), flush=True)
+                        row = run.timed_row(row, name, op, (x_of(dtype), idx, w), flush=True)
                     else:
                         if combine_ins is None:
                             out = sharded(job, dispatch_op("cuda", "bf16", sms))(x, idx, w)
@@ -1704,6 +1718,8 @@ def run_low_latency(args) -> int:
 
     job, run, dtypes = _start(args)
     R, H, E, K = job.R, args.hidden, args.experts, args.top_k
+    if "fp8in" in dtypes:
+        raise SystemExit("--dtype fp8in is a normal-mode dtype; low latency takes bf16 or fp8")
     if "fp8" in dtypes and H % FP8_BLOCK:
         raise SystemExit(f"fp8 needs --hidden to be a multiple of {FP8_BLOCK}")
     xla_ok, xla_why = job.xla_runs
@@ -1897,7 +1913,8 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--hidden", type=int, default=7168)
         s.add_argument("--experts", type=int, default=256)
         s.add_argument("--top-k", dest="top_k", type=int, default=8)
-        s.add_argument("--dtype", default=dtype, help=f"dispatch dtypes, comma list of bf16,fp8 (default {dtype})")
+        s.add_argument("--dtype", default=dtype, help=f"dispatch dtypes, comma list of bf16,fp8 (default {dtype}); "
+                       "normal mode also fp8in (an Fp8Array quantized before the timing)")
         s.add_argument("--routing", default=routing, choices=routing_gen.ROUTINGS)
         s.add_argument("--zipf-s", dest="zipf_s", type=float, default=1.2)
         s.add_argument("--seed", type=int, default=0)

@@ -50,10 +50,10 @@ def check_dtype(name: str, a, allowed) -> None:
         raise TypeError(f"{name} must have dtype {names}; got {dt.name}")
 
 
-def check_tokens(x, topk_idx, topk_weights, dtypes) -> tuple:
+def check_tokens(x, topk_idx, topk_weights, dtypes, name: str = "x") -> tuple:
     """Check x [T, H], topk_idx int [T, K] and optional topk_weights [T, K]; (T, H, K)."""
-    check_shape("x", x, (None, None), "[T, H]")
-    check_dtype("x", x, dtypes)
+    check_shape(name, x, (None, None), "[T, H]")
+    check_dtype(name, x, dtypes)
     T, H = x.shape
     check_shape("topk_idx", topk_idx, (T, None), "[T, K] with T = x.shape[0]")
     if not jnp.issubdtype(topk_idx.dtype, jnp.integer):

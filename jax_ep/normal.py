@@ -38,7 +38,10 @@ def dispatch(
     """Send each token to the ranks that own its experts. Call inside `shard_map`.
 
     Args (per rank):
-      x:            [T, H] bfloat16, float16 or float32 tokens.
+      x:            [T, H] bfloat16, float16 or float32 tokens, or an
+                    `Fp8Array` (data [T, H] float8_e4m3fn, scales [T, H/128])
+                    already quantized: its rows move as they are (fp8 implied,
+                    no quantization; not differentiable).
       topk_idx:     int32 [T, K] global expert ids; -1 = no expert for the slot;
                     ids outside [-1, E) count as -1 and in `handle.num_invalid`.
       topk_weights: float32 [T, K], optional (every slot weighs 1.0 without it).
@@ -59,7 +62,14 @@ def dispatch(
     Returns a `DispatchOutput` (x [C, H], weights, group_sizes [E_local],
     handle, topk_idx for the tokens layout); see DESIGN 3.1.
     """
-    T, H, K = check_tokens(x, topk_idx, topk_weights, _FLOAT_DTYPES)
+    pre = isinstance(x, fp8_lib.Fp8Array)  # rows already in FP8: they move as they are
+    if pre:
+        T, H, K = check_tokens(x.data, topk_idx, topk_weights, (jnp.float8_e4m3fn,), name="x.data")
+        check_shape("x.scales", x.scales, (T, H // fp8_lib.BLOCK), f"[T, H/{fp8_lib.BLOCK}]")
+        check_dtype("x.scales", x.scales, (jnp.float32,))
+        fp8 = True
+    else:
+        T, H, K = check_tokens(x, topk_idx, topk_weights, _FLOAT_DTYPES)
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     R = axis_size(axis_name)
@@ -76,13 +86,15 @@ def dispatch(
             raise ValueError(f"out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
         if not fp8:
             x = x.astype(out_dtype)
+    x_dtype = jnp.dtype(x.data.dtype if pre else x.dtype)
 
     cap = _capacity(capacity_factor, T, K, num_experts)
     rows = rows_needed(
         T, K, num_experts, R, layout=layout, capacity_factor=capacity_factor, max_rows=max_rows
     )
     # The backward pass combines in out_dtype, so the buffer must hold that too.
-    wire = out_dtype if (fp8 and out_dtype is not None) else x.dtype
+    # (An Fp8Array has no backward pass; its combine moves bfloat16.)
+    wire = out_dtype if (fp8 and out_dtype is not None) else (jnp.bfloat16 if pre else x.dtype)
     kind, buffer_id = backends.select(
         backend, axis_name, buffer, mode="normal", num_experts=num_experts, hidden=H,
         tokens=T, top_k=K, dtype=wire, fp8=fp8,
@@ -94,9 +106,9 @@ def dispatch(
     weighted = topk_weights is not None
     if not weighted:
         topk_weights = jnp.ones((T, K), jnp.float32)
-    num_sms = backends.num_sms(config, num_ranks=R, hidden=H, dtype="fp8" if fp8 else x.dtype,
+    num_sms = backends.num_sms(config, num_ranks=R, hidden=H, dtype="fp8" if fp8 else x_dtype,
                                mode="normal", kernel="dispatch")
-    fn = _dispatch_fn(meta, bool(fp8), out_dtype, jnp.dtype(x.dtype), num_sms, weighted)
+    fn = _dispatch_fn(meta, bool(fp8), out_dtype, x_dtype, num_sms, weighted)
     out = fn(x, topk_idx.astype(jnp.int32), topk_weights.astype(jnp.float32))
     debug.check_counts("dispatch", out.handle.num_invalid, out.handle.num_overflow,
                        axis_name=axis_name, backend=meta.backend)
@@ -169,6 +181,12 @@ def _dispatch_fn(meta: RoutingMeta, fp8: bool, out_dtype, x_dtype, num_sms: int,
         return out, out.handle
 
     def f_bwd(handle, ct):
+        if x_dtype == jnp.float8_e4m3fn:
+            raise TypeError(
+                "dispatch of an Fp8Array is not differentiable (its rows are FP8 already); "
+                "pass BF16 x with fp8=True and out_dtype=jnp.bfloat16 for a differentiable FP8 "
+                "dispatch"
+            )
         if fp8 and out_dtype is None:
             raise TypeError(
                 "dispatch(fp8=True) returns an Fp8Array, which is not differentiable; "

@@ -143,3 +143,63 @@ def test_nan_anywhere_in_a_block_makes_its_scale_nan():
     assert np.isinf(scales[:, 1]).all()
     back = np.asarray(q.dequantize(jnp.float32))
     assert np.isnan(back).all()  # NaN data or 0 * inf: the whole block is NaN
+
+
+# ------------------------------------------------- FP8 input (an Fp8Array, passed through)
+
+
+@pytest.mark.parametrize("layout,out_dtype", [("experts", None), ("tokens", None),
+                                              ("experts", jnp.bfloat16), ("tokens", jnp.float32)])
+def test_fp8array_input_equals_quantize_in_the_call(layout, out_dtype):
+    """dispatch(Fp8Array) moves the rows as they are: the same bits as fp8=True on
+    the BF16 rows it came from, with no second quantization."""
+    import jax_ep
+    from jax.sharding import PartitionSpec as P
+
+    T, K, E, Hd = 8, 2, 16, 256
+    rng = np.random.default_rng(7)
+    x, idx, w = H.global_inputs(rng, S1, T, K, E, Hd, oracle.BF16, "zipf")
+    mesh = S1.mesh
+
+    def run(pre):
+        def body(x, idx, w):
+            x, idx, w = x[0], idx[0], w[0]
+            xin = jax_ep.fp8.quantize(x) if pre else x
+            out = jax_ep.dispatch(xin, idx, w, num_experts=E, axis_name="ep", layout=layout,
+                                  fp8=True, out_dtype=out_dtype, backend="xla")
+            return jax.tree.map(lambda a: a[None], (out.x, out.weights, out.group_sizes,
+                                                    out.handle.src_rows))
+
+        f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("ep"),) * 3, out_specs=P("ep")))
+        return jax.tree.map(np.asarray, f(x, idx, w))
+
+    got, want = run(True), run(False)
+    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        H.assert_bits_equal(g, e, "Fp8Array input")
+
+
+def test_fp8array_input_checks_and_has_no_gradient():
+    import jax_ep
+    from jax.sharding import PartitionSpec as P
+
+    mesh = S1.mesh
+    T, K, E, Hd = 4, 2, 16, 128
+    x = np.ones((8, T, Hd), np.float32)
+    idx = np.zeros((8, T, K), np.int32)
+
+    def body(x, idx, bad_scales=False):
+        q = jax_ep.fp8.quantize(x[0])
+        if bad_scales:
+            q = jax_ep.Fp8Array(q.data, q.scales[:, :0])
+        out = jax_ep.dispatch(q, idx[0], num_experts=E, axis_name="ep", out_dtype=jnp.bfloat16,
+                              backend="xla")
+        return jnp.sum(out.x.astype(jnp.float32))[None]
+
+    sm = lambda f: jax.shard_map(f, mesh=mesh, in_specs=(P("ep"),) * 2, out_specs=P("ep"))  # noqa: E731
+    with pytest.raises(ValueError, match="x.scales"):
+        jax.jit(sm(lambda a, b: body(a, b, bad_scales=True)))(x, idx)
+    sums = np.asarray(jax.jit(sm(body))(x, idx))  # every token to expert 0 (rank 0), once
+    np.testing.assert_array_equal(sums, [8 * T * Hd] + [0] * 7)
+    with pytest.raises(TypeError, match="Fp8Array is not differentiable"):
+        # the input is float32 here, so the gradient flows into quantize, then the call
+        jax.jit(jax.grad(lambda a: jnp.sum(sm(body)(a, idx))))(x)

@@ -278,7 +278,12 @@ __global__ void __launch_bounds__(kThreads) stage_kernel(DispatchArgs a, bool co
   const T* x = static_cast<const T*>(a.x);
   for (int t = blockIdx.x * kWarps + warp_id(); t < s.T; t += gridDim.x * kWarps) {
     const T* row = x + static_cast<size_t>(t) * s.H;
-    if constexpr (kFp8) {
+    if (kFp8 && a.x_scales != nullptr) {  // already FP8: the data and scales as they are
+      const int nb = s.H / 128;
+      copy_raw_row<16>(static_cast<const char*>(a.x) + static_cast<size_t>(t) * s.H,
+                       st.x + static_cast<size_t>(t) * s.H, s.H / 16);
+      for (int b = lane; b < nb; b += 32) st.scales[static_cast<size_t>(t) * nb + b] = a.x_scales[t * nb + b];
+    } else if constexpr (kFp8) {
       uint8_t* q_row = reinterpret_cast<uint8_t*>(st.x) + static_cast<size_t>(t) * s.H;
       // Whole 16-lane blocks are active or not (H % 128 == 0), as the shuffles need.
       for (int base = 0; base < units; base += 32 * kUnroll) {
@@ -573,6 +578,9 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(DispatchArgs a) {
       row = static_cast<const char*>(a.x) + static_cast<size_t>(t) * s.H * in_es;
     } else if (kOut == kOutSame) {
       row = st.x + static_cast<size_t>(t) * s.H * in_es;
+    } else if (local_src && a.x_scales != nullptr) {  // this rank's FP8 input, read in place
+      row = static_cast<const char*>(a.x) + static_cast<size_t>(t) * s.H;
+      scales = a.x_scales + static_cast<size_t>(t) * (s.H / 128);
     } else {
       row = st.x + static_cast<size_t>(t) * s.H;
       scales = st.scales + static_cast<size_t>(t) * (s.H / 128);
@@ -974,7 +982,7 @@ cudaError_t dispatch_typed(const DispatchArgs& a, cudaStream_t stream) {
   const bool fp8 = a.out_kind != kOutSame;
   const int R = a.c.nranks, grid = a.num_sms;
   const bool tokens = a.s.tokens_layout != 0;
-  if (R > 1 || fp8) {
+  if (R > 1 || (fp8 && a.x_scales == nullptr)) {  // one rank reads FP8 input in place
     auto k = fp8 ? stage_kernel<T, true> : stage_kernel<T, false>;
     JAX_EP_RETURN_IF_ERROR(launch(k, copy_grid(k, 0, R, grid), 0, stream, a, R > 1));
   }

@@ -46,7 +46,8 @@ struct DispatchArgs {
   DType out_dtype;  // for kOutDequant
   int out_kind;
   int num_sms;
-  const void* x;
+  const void* x;          // [T, H] in in_dtype, or FP8 e4m3 data when x_scales is set
+  const float* x_scales;  // [T, H/128]: x is already quantized (an Fp8Array), else null
   const int32_t* idx;  // row ids (experts layout) or kept ids (tokens layout)
   const float* w;
   void* out_x;

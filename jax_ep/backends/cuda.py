@@ -222,12 +222,16 @@ def dispatch(x, routing: SenderRouting, meta: RoutingMeta, *, fp8: bool, out_dty
         _sds((), jnp.int32),
         _sds((1,), jnp.int32),
     )
+    if isinstance(x, fp8_lib.Fp8Array):  # already quantized: data and scales as they are
+        data, in_scales = x.data, x.scales
+    else:
+        data, in_scales = x, jnp.zeros((0,), jnp.float32)
     call = jax.ffi.ffi_call("jax_ep_dispatch", shapes, has_side_effect=True)
     outs = call(
-        x, idx, w, buffer_id=_i64(meta.buffer_id), layout=_i64(int(tokens)),
+        data, in_scales, idx, w, buffer_id=_i64(meta.buffer_id), layout=_i64(int(tokens)),
         num_experts=_i64(meta.num_experts), out_kind=_i64(kind), num_sms=_i64(num_sms),
     )
-    out_x, scales, out_w, topk, sizes, overflow, src_rows, num_rows, epoch = like_inputs(outs, x, idx, w)
+    out_x, scales, out_w, topk, sizes, overflow, src_rows, num_rows, epoch = like_inputs(outs, data, idx, w)
     if kind == _OUT_FP8:
         out_x = fp8_lib.Fp8Array(out_x, scales)
     handle = DispatchHandle(

@@ -110,3 +110,34 @@ def test_command_buffer_replays():
     print(f"handler calls {calls}, under capture {captured}, executions 30")
     assert captured >= 1, "never captured into a command buffer"
     assert calls < 30 * 2, "handlers ran on every execution: no graph replay"
+
+
+@pytest.mark.parametrize("layout,out_dtype", [("experts", None), ("tokens", None), ("experts", jnp.bfloat16),
+                                              ("tokens", jnp.float32)])
+def test_fp8array_input_matches_xla(layout, out_dtype):
+    """An Fp8Array input moves as it is (no quantization in the call): bit for bit."""
+    import jax_ep
+    from harness import AXIS
+
+    def make(backend):
+        def body(x, idx, w):
+            q = jax_ep.fp8.quantize(x.astype(jnp.bfloat16))
+            out = jax_ep.dispatch(q, idx, w, num_experts=E, axis_name=AXIS, layout=layout,
+                                  out_dtype=out_dtype, backend=backend)
+            rows = (out.x.data, out.x.scales) if isinstance(out.x, jax_ep.Fp8Array) else out.x
+            h = out.handle
+            return dict(rows=rows, w=out.weights, sizes=out.group_sizes, topk=out.topk_idx,
+                        nrows=h.num_rows, overflow=h.num_overflow)
+
+        return body
+
+    n = num_ranks()
+    buffer()
+    rng = np.random.default_rng(21)
+    x = (rng.standard_normal((n * T, H)) * 3).astype(np.float32)
+    idx = routing("messy", n, T, K, E, seed=13 + n)
+    w = rng.random((n * T, K)).astype(np.float32)
+    key = ("fp8in", layout, str(out_dtype))
+    got = run_gpu(key + ("cuda",), make("cuda"), x, idx, w)
+    want = run_oracle(key + ("xla",), make("xla"), x, idx, w)
+    assert_same(got, want, f"Fp8Array input {layout} {out_dtype}")
