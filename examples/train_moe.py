@@ -43,6 +43,7 @@ from typing import Optional, Sequence  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
@@ -50,6 +51,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jax_ep  # noqa: E402
 from jax_ep.flax import MoE, update_bias  # noqa: E402
+from jax_ep.flax.moe import place_from_host  # noqa: E402
 
 
 # ---------------------------------------------------------------- the model
@@ -160,9 +162,14 @@ def model_shardings(model: nnx.Module, mesh):
 
 
 def build(cfg: LMConfig, mesh, seed: int = 0) -> MoELM:
-    """The model with every variable placed on the mesh."""
+    """The model with every variable placed on the mesh (from host memory: no XLA
+    collective, so this works where processes share one GPU)."""
     model = MoELM(cfg, mesh, rngs=nnx.Rngs(seed))
-    nnx.update(model, jax.device_put(nnx.state(model), model_shardings(model, mesh)))
+
+    def place(a, sh):
+        return a if a.sharding == sh else place_from_host(a, sh)
+
+    nnx.update(model, jax.tree.map(place, nnx.state(model), model_shardings(model, mesh)))
     return model
 
 
@@ -355,10 +362,9 @@ def fit(model: MoELM, mesh, tables, *, steps: int, batch: int, seq: int, lr: flo
     param_sh = jax.tree.map(lambda a: a.sharding, params)
     rest_sh = jax.tree.map(lambda a: a.sharding, rest)
     # Moments follow their parameters; scalars (step counts) are replicated.
-    opt_state = jax.jit(optimizer.init)(params)
-    opt_sh = optax.tree_map_params(optimizer, lambda _, sh: sh, opt_state, param_sh,
-                                   transform_non_params=lambda _: repl)
-    opt_state = jax.device_put(opt_state, opt_sh)
+    opt_sh = optax.tree_map_params(optimizer, lambda _, sh: sh, jax.eval_shape(optimizer.init, params),
+                                   param_sh, transform_non_params=lambda _: repl)
+    opt_state = init_opt_state(optimizer, params, param_sh, opt_sh)
 
     if per_device:
         batches, step_fn = _per_device_fns(graphdef, optimizer, bias_rate, mesh, tables, batch, seq,
@@ -393,6 +399,16 @@ def fit(model: MoELM, mesh, tables, *, steps: int, batch: int, seq: int, lr: flo
     return hist
 
 
+def init_opt_state(optimizer, params, param_sh, opt_sh):
+    """The optimizer state on its shardings, made on every device from its own
+    parameter shards (no XLA collective)."""
+    spec = lambda t: jax.tree.map(lambda sh: sh.spec, t)  # noqa: E731
+    mesh = jax.tree.leaves(param_sh)[0].mesh
+    init = jax.shard_map(optimizer.init, mesh=mesh, in_specs=(spec(param_sh),), out_specs=spec(opt_sh),
+                         check_vma=False)
+    return jax.jit(init)(params)
+
+
 def _per_device_fns(graphdef, optimizer, bias_rate, mesh, tables, batch, seq, shardings):
     """(batches, step) of the per-device step: no XLA collective anywhere."""
     n = mesh.size
@@ -402,10 +418,15 @@ def _per_device_fns(graphdef, optimizer, bias_rate, mesh, tables, batch, seq, sh
     tok = P(("data", "ep"), None)
     expert_leaf = [_has_ep(sh) for sh in jax.tree.leaves(shardings[0])]
 
-    def draw(key):
-        return make_batch(jax.random.fold_in(key, jax.lax.axis_index("ep")), tables, batch // n, seq)
+    def draw(key_data):
+        key = jax.random.fold_in(jax.random.wrap_key_data(key_data), jax.lax.axis_index("ep"))
+        return make_batch(key, tables, batch // n, seq)
 
-    batches = jax.jit(jax.shard_map(draw, mesh=mesh, in_specs=P(), out_specs=tok, check_vma=False))
+    draw = jax.jit(jax.shard_map(draw, mesh=mesh, in_specs=P(), out_specs=tok, check_vma=False))
+
+    def batches(key):  # the key as host data: every process holds it, no transfer between them
+        return draw(np.asarray(jax.random.key_data(key)))
+
     step = jax.shard_map(
         make_train_step_per_device(graphdef, optimizer, bias_rate, expert_leaf, n), mesh=mesh,
         in_specs=(*specs, tok), out_specs=(*specs, P(), P(), P()), check_vma=False,

@@ -210,7 +210,11 @@ def dispatch(x, routing: SenderRouting, meta: RoutingMeta, *, fp8: bool, out_dty
     tokens = meta.layout == "tokens"
     idx, w = (routing.kept_idx, routing.kept_w) if tokens else (routing.row_idx, routing.row_w)
     kind = _OUT_SAME if not fp8 else (_OUT_FP8 if out_dtype is None else _OUT_DEQUANT)
-    x_dtype = {_OUT_SAME: x.dtype, _OUT_FP8: fp8_lib.DTYPE, _OUT_DEQUANT: out_dtype}[kind]
+    if isinstance(x, fp8_lib.Fp8Array):  # already quantized: data and scales as they are
+        data, in_scales = x.data, x.scales
+    else:
+        data, in_scales = x, jnp.zeros((0,), jnp.float32)
+    x_dtype = {_OUT_SAME: data.dtype, _OUT_FP8: fp8_lib.DTYPE, _OUT_DEQUANT: out_dtype}[kind]
     shapes = (
         _sds((C, H), x_dtype),
         _sds((C, H // fp8_lib.BLOCK) if kind == _OUT_FP8 else (0,), jnp.float32),
@@ -222,10 +226,6 @@ def dispatch(x, routing: SenderRouting, meta: RoutingMeta, *, fp8: bool, out_dty
         _sds((), jnp.int32),
         _sds((1,), jnp.int32),
     )
-    if isinstance(x, fp8_lib.Fp8Array):  # already quantized: data and scales as they are
-        data, in_scales = x.data, x.scales
-    else:
-        data, in_scales = x, jnp.zeros((0,), jnp.float32)
     call = jax.ffi.ffi_call("jax_ep_dispatch", shapes, has_side_effect=True)
     outs = call(
         data, in_scales, idx, w, buffer_id=_i64(meta.buffer_id), layout=_i64(int(tokens)),

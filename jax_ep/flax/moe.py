@@ -15,6 +15,7 @@ from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -63,9 +64,18 @@ def _sharded_init(init, mesh: Mesh, spec: tuple):
     sharding = NamedSharding(mesh, P(*spec))
 
     def place(key, shape, dtype):
-        return jax.device_put(init(key, shape, dtype), sharding)
+        return place_from_host(init(key, shape, dtype), sharding)
 
     return nnx.with_partitioning(place, spec, mesh=mesh)
+
+
+def place_from_host(value, sharding: NamedSharding) -> jax.Array:
+    """`value` (the same on every process) on `sharding`, each process writing its
+    own devices' parts from host memory. Unlike `jax.device_put` across processes
+    this needs no XLA collective, so it works where those cannot run (processes
+    that share one GPU)."""
+    host = np.asarray(value)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def _explicit(mesh: Mesh) -> bool:
@@ -195,9 +205,7 @@ class MoE(nnx.Module):
         self.router = nnx.Param(
             replicated(normal(hidden))(rngs.params(), (hidden, num_experts), param_dtype)
         )
-        self.bias = BalanceBias(
-            jax.device_put(jnp.zeros((num_experts,), jnp.float32), NamedSharding(mesh, P()))
-        )
+        self.bias = BalanceBias(place_from_host(np.zeros((num_experts,), np.float32), NamedSharding(mesh, P())))
         by_expert = lambda init: _sharded_init(init, mesh, (ep_spec, None, None))  # noqa: E731
         self.w_gate_up = nnx.Param(
             by_expert(normal(hidden))(rngs.params(), (num_experts, hidden, 2 * intermediate), param_dtype)
