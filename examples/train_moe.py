@@ -222,22 +222,32 @@ def make_train_step(graphdef, optimizer, bias_rate: float):
     """(params, rest, opt_state, tokens) -> (params, rest, opt_state, loss, loads [L, E], violation [L])."""
 
     def train_step(params, rest, opt_state, tokens):
-        def loss_fn(p):
-            logits, stats, _ = nnx.merge(graphdef, p, rest)(tokens[:, :-1])
-            return cross_entropy(logits, tokens[:, 1:]), stats
-
-        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        model = nnx.merge(graphdef, params, rest)
-        for moe, st in zip(model.moe_layers, stats):
-            update_bias(moe, st.tokens_per_expert, bias_rate)
-        rest = nnx.state(model, nnx.Not(nnx.Param))
-        loads = jnp.stack([st.tokens_per_expert for st in stats])
-        violation = jnp.stack([st.max_violation for st in stats])
-        return params, rest, opt_state, loss, loads, violation
+        (loss, stats), grads = _loss_and_grads(graphdef, params, rest, tokens)
+        return _update(graphdef, optimizer, bias_rate, params, rest, opt_state, grads, loss, stats)
 
     return train_step
+
+
+def _loss_and_grads(graphdef, params, rest, tokens):
+    """((next-token loss, MoE stats per layer), gradients) of the model on `tokens`."""
+    def loss_fn(p):
+        logits, stats, _ = nnx.merge(graphdef, p, rest)(tokens[:, :-1])
+        return cross_entropy(logits, tokens[:, 1:]), stats
+
+    return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+
+def _update(graphdef, optimizer, bias_rate, params, rest, opt_state, grads, loss, stats):
+    """The optimizer step and the balancing bias step; the step's outputs."""
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    model = nnx.merge(graphdef, params, rest)
+    for moe, st in zip(model.moe_layers, stats):
+        update_bias(moe, st.tokens_per_expert, bias_rate)
+    rest = nnx.state(model, nnx.Not(nnx.Param))
+    loads = jnp.stack([st.tokens_per_expert for st in stats])
+    violation = jnp.stack([st.max_violation for st in stats])
+    return params, rest, opt_state, loss, loads, violation
 
 
 def _has_ep(sharding) -> bool:
@@ -259,32 +269,20 @@ def make_train_step_per_device(graphdef, optimizer, bias_rate: float, expert_lea
     n = num_devices
 
     def train_step(params, rest, opt_state, tokens):
-        def loss_fn(p):
-            logits, stats, _ = nnx.merge(graphdef, p, rest)(tokens[:, :-1])
-            return cross_entropy(logits, tokens[:, 1:]), stats
-
-        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        (loss, stats), grads = _loss_and_grads(graphdef, params, rest, tokens)
         leaves, tdef = jax.tree.flatten(grads)
         shared = [g for g, e in zip(leaves, expert_leaf) if not e]
         expert_sq = sum((jnp.sum(jnp.square(g)) for g, e in zip(leaves, expert_leaf) if e), jnp.zeros(()))
-        buf = nnx.merge(graphdef, params, rest).moe_layers[0]
+        moe = nnx.merge(graphdef, params, rest).moe_layers[0]  # its Buffer and backend
         shared, loss, expert_sq = jax_ep.all_reduce(
-            (shared, loss, expert_sq), axis_name="ep", buffer=buf.buffer, backend=buf.backend)
+            (shared, loss, expert_sq), axis_name="ep", buffer=moe.buffer, backend=moe.backend)
         it = iter(shared)
         leaves = [(g if e else next(it)) / n for g, e in zip(leaves, expert_leaf)]
         norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g, e in zip(leaves, expert_leaf) if not e)
                         + expert_sq / (n * n))
         scale = jnp.where(norm < max_norm, 1.0, max_norm / norm)
         grads = jax.tree.unflatten(tdef, [g * scale for g in leaves])
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        model = nnx.merge(graphdef, params, rest)
-        for moe, st in zip(model.moe_layers, stats):
-            update_bias(moe, st.tokens_per_expert, bias_rate)
-        rest = nnx.state(model, nnx.Not(nnx.Param))
-        loads = jnp.stack([st.tokens_per_expert for st in stats])
-        violation = jnp.stack([st.max_violation for st in stats])
-        return params, rest, opt_state, loss / n, loads, violation
+        return _update(graphdef, optimizer, bias_rate, params, rest, opt_state, grads, loss / n, stats)
 
     return train_step
 
