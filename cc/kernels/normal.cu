@@ -28,6 +28,10 @@ struct Stage {
 
 // ------------------------------------------------------------------ row copies
 
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
 // Copy a row of `units` raw units from src to the rows dst[i] >= 0 of `out`
 // (kCoherent: src was released by a peer during this kernel).
 template <int UB, bool kCoherent = false>
@@ -550,6 +554,25 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(DispatchArgs a) {
     if (!valid) continue;
     const bool local_src = src == c.rank;
     const Stage st = stage_of(c, s, src, epoch);
+    const char* row;
+    const float* scales = nullptr;
+    if (kOut == kOutSame && local_src) {
+      row = static_cast<const char*>(a.x) + static_cast<size_t>(t) * s.H * in_es;
+    } else if (kOut == kOutSame) {
+      row = st.x + static_cast<size_t>(t) * s.H * in_es;
+    } else if (local_src && a.x_scales != nullptr) {  // this rank's FP8 input, read in place
+      row = static_cast<const char*>(a.x) + static_cast<size_t>(t) * s.H;
+      scales = a.x_scales + static_cast<size_t>(t) * (s.H / 128);
+    } else {
+      row = st.x + static_cast<size_t>(t) * s.H;
+      scales = st.scales + static_cast<size_t>(t) * (s.H / 128);
+    }
+    // FP8 rows in the tokens layout start toward L2 while the token's ids and weights
+    // are read and written (A/B with 8 processes on one H100: FP8 tokens-layout
+    // dispatch 4-5% faster; BF16 rows 4-7% slower and the experts layout unchanged,
+    // so only there).
+    if constexpr (kTokens && kOut != kOutSame)
+      for (int off = lane * 128; off < s.H; off += 32 * 128) prefetch_l2(row + off);
     const int32_t* idx = local_src ? a.idx : st.idx;
     const float* w = local_src ? a.w : st.w;
     if constexpr (kTokens) {
@@ -572,19 +595,6 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(DispatchArgs a) {
     int dst[kMaxTopK];  // row of the i-th local expert, -1 (or -2) for none
 #pragma unroll
     for (int i = 0; i < kMaxTopK; ++i) dst[i] = __shfl_sync(0xffffffffu, pos, i);
-    const char* row;
-    const float* scales = nullptr;
-    if (kOut == kOutSame && local_src) {
-      row = static_cast<const char*>(a.x) + static_cast<size_t>(t) * s.H * in_es;
-    } else if (kOut == kOutSame) {
-      row = st.x + static_cast<size_t>(t) * s.H * in_es;
-    } else if (local_src && a.x_scales != nullptr) {  // this rank's FP8 input, read in place
-      row = static_cast<const char*>(a.x) + static_cast<size_t>(t) * s.H;
-      scales = a.x_scales + static_cast<size_t>(t) * (s.H / 128);
-    } else {
-      row = st.x + static_cast<size_t>(t) * s.H;
-      scales = st.scales + static_cast<size_t>(t) * (s.H / 128);
-    }
     copy_row<kOut, TOut, UB>(row, scales, dst, a);
   }
   zero_tail<kOut, TOut, UB>(a, used, kTokens);
