@@ -353,6 +353,9 @@ def fit(model: MoELM, mesh, tables, *, steps: int, batch: int, seq: int, lr: flo
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(20, steps), max(steps, 21))
     per_device = collectives == "jax_ep"
+    if any(m.collectives != collectives for m in model.moe_layers):
+        raise ValueError(f"fit(collectives={collectives!r}) needs MoE layers built with the same "
+                         "collectives (LMConfig.collectives)")
     clip = optax.identity() if per_device else optax.clip_by_global_norm(1.0)  # per device: in the step
     optimizer = optax.chain(clip, optax.adamw(schedule, weight_decay=0.01))
     data_sh = NamedSharding(mesh, P(("data", "ep"), None))

@@ -139,6 +139,8 @@ def _sum_fn(kind, piece: int, buffer_id: int, num_sms: int, axis_name, R: int):
 
 def _sum_pieces(flat, piece: int, impl, buffer_id: int, num_sms: int, axis_name, R: int):
     n = flat.shape[0]
+    if n == 0:
+        return flat
     padded = -(-n // _UNIT) * _UNIT
     if padded != n:
         flat = jnp.concatenate([flat, jnp.zeros((padded - n,), jnp.float32)])

@@ -82,3 +82,9 @@ def test_rejects_bool_leaves_and_bad_backend():
         _run(2, np.zeros((2, 3), bool), backend="xla")
     with pytest.raises(ValueError, match="backend"):
         _run(2, np.zeros((2, 3), np.float32), backend="nccl")
+
+
+def test_empty_leaves():
+    got = _run(2, dict(a=np.zeros((2, 0), np.float32), b=np.ones((2, 3), np.int32)), backend="xla")
+    assert np.asarray(got["a"]).shape == (2, 0)
+    np.testing.assert_array_equal(np.asarray(got["b"]), np.full((2, 3), 2, np.int32))

@@ -355,6 +355,9 @@ __global__ void __launch_bounds__(kThreads) route_kernel(DispatchArgs a) {
   __shared__ int warp_cnt[kWarps];
   const int lo = c.rank * s.El;
   relay_rdma_flags(c, kPhaseDispatchWait, epoch);
+  // Every call waits for every rank (what lets the next-but-one call reuse this
+  // half): with no tokens there is no work item below to do it.
+  if (nch == 0 && blockIdx.x == 0) wait_sources(c, kPhaseDispatchWait, epoch);
 
   for (int work = blockIdx.x; work < c.nranks * nch; work += gridDim.x) {
     const int src = work / nch, ch = work % nch;
@@ -918,6 +921,7 @@ __global__ void __launch_bounds__(kThreads) redispatch_kernel(RedispatchArgs a) 
 __global__ void __launch_bounds__(kThreads) all_reduce_stage_kernel(AllReduceArgs a) {
   const CallCtx& c = a.c;
   const uint32_t epoch = current_epoch(c);
+  check_send_order(c, kPhaseAllReduceWait, epoch);  // not between a low-latency send and recv
   float4* to = reinterpret_cast<float4*>(half_base(c, c.rank, epoch) + c.off.x_stage);
   const float4* from = reinterpret_cast<const float4*>(a.x);
   for (int64_t i = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; i < a.n / 4;
@@ -930,6 +934,7 @@ __global__ void __launch_bounds__(kThreads) all_reduce_stage_kernel(AllReduceArg
 __global__ void __launch_bounds__(kThreads) all_reduce_sum_kernel(AllReduceArgs a) {
   const CallCtx& c = a.c;
   const uint32_t epoch = current_epoch(c);
+  check_send_order(c, kPhaseAllReduceWait, epoch);
   wait_all(c, kPhaseAllReduceWait, epoch);
   const float4* mine = reinterpret_cast<const float4*>(a.x);
   float4* y = reinterpret_cast<float4*>(a.y);

@@ -231,7 +231,8 @@ def dispatch(x, routing: SenderRouting, meta: RoutingMeta, *, fp8: bool, out_dty
         data, in_scales, idx, w, buffer_id=_i64(meta.buffer_id), layout=_i64(int(tokens)),
         num_experts=_i64(meta.num_experts), out_kind=_i64(kind), num_sms=_i64(num_sms),
     )
-    out_x, scales, out_w, topk, sizes, overflow, src_rows, num_rows, epoch = like_inputs(outs, data, idx, w)
+    out_x, scales, out_w, topk, sizes, overflow, src_rows, num_rows, epoch = like_inputs(
+        outs, data, in_scales, idx, w)
     if kind == _OUT_FP8:
         out_x = fp8_lib.Fp8Array(out_x, scales)
     handle = DispatchHandle(

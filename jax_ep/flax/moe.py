@@ -74,6 +74,8 @@ def place_from_host(value, sharding: NamedSharding) -> jax.Array:
     own devices' parts from host memory. Unlike `jax.device_put` across processes
     this needs no XLA collective, so it works where those cannot run (processes
     that share one GPU)."""
+    if isinstance(value, jax.core.Tracer):  # traced (nnx.eval_shape, nnx.jit): no host value
+        return jax.device_put(value, sharding)
     host = np.asarray(value)
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
@@ -280,6 +282,9 @@ class MoE(nnx.Module):
                 params = params + (None, None)
             y, idx, dropped, overflow = body(x_loc.astype(dtype), *params)
             load = expert_load(idx, self.num_experts)
+            # After y: a reduction on the Buffer must not fall between the layer's
+            # send and receive calls, which XLA could do with an independent one.
+            (load, dropped, overflow), y = jax.lax.optimization_barrier(((load, dropped, overflow), y))
             load, dropped, overflow = self._sum_stats((load, dropped, overflow))
             return y.astype(x.dtype), MoEStats(load, max_violation(load), dropped, overflow)
 
@@ -290,6 +295,9 @@ class MoE(nnx.Module):
         fn = jax.shard_map(
             per_rank, mesh=self.mesh, in_specs=in_specs,
             out_specs=(tok, MoEStats(rep, rep, rep, rep)),
+            # jax_ep.all_reduce gives the same bits on every rank, but its outputs
+            # are not typed as replicated; lax.psum's are
+            check_vma=self.collectives == "xla",
         )
         if _explicit(self.mesh):
             # Explicit meshes type-check shardings: hand shard_map the split it expects.
