@@ -362,10 +362,8 @@ def fit(model: MoELM, mesh, tables, *, steps: int, batch: int, seq: int, lr: flo
     repl = NamedSharding(mesh, P())
     param_sh = jax.tree.map(lambda a: a.sharding, params)
     rest_sh = jax.tree.map(lambda a: a.sharding, rest)
-    # Moments follow their parameters; scalars (step counts) are replicated.
-    opt_sh = optax.tree_map_params(optimizer, lambda _, sh: sh, jax.eval_shape(optimizer.init, params),
-                                   param_sh, transform_non_params=lambda _: repl)
-    opt_state = init_opt_state(optimizer, params, param_sh, opt_sh)
+    opt_sh = opt_shardings(optimizer, params, param_sh, mesh)
+    opt_state = init_opt_state(optimizer, params, param_sh, opt_sh, mesh)
 
     if per_device:
         batches, step_fn = _per_device_fns(graphdef, optimizer, bias_rate, mesh, tables, batch, seq,
@@ -400,11 +398,17 @@ def fit(model: MoELM, mesh, tables, *, steps: int, batch: int, seq: int, lr: flo
     return hist
 
 
-def init_opt_state(optimizer, params, param_sh, opt_sh):
+def opt_shardings(optimizer, params, param_sh, mesh):
+    """The optimizer state's shardings: moments follow their parameters, scalars
+    (step counts) are replicated."""
+    return optax.tree_map_params(optimizer, lambda _, sh: sh, jax.eval_shape(optimizer.init, params),
+                                 param_sh, transform_non_params=lambda _: NamedSharding(mesh, P()))
+
+
+def init_opt_state(optimizer, params, param_sh, opt_sh, mesh):
     """The optimizer state on its shardings, made on every device from its own
     parameter shards (no XLA collective)."""
     spec = lambda t: jax.tree.map(lambda sh: sh.spec, t)  # noqa: E731
-    mesh = jax.tree.leaves(param_sh)[0].mesh
     init = jax.shard_map(optimizer.init, mesh=mesh, in_specs=(spec(param_sh),), out_specs=spec(opt_sh),
                          check_vma=False)
     return jax.jit(init)(params)

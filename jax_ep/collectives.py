@@ -61,7 +61,7 @@ def all_reduce(tree, *, axis_name, buffer=None, config: Optional[Config] = None,
             raise TypeError(f"all_reduce: leaves must be float or int arrays, got dtype {x.dtype}")
     R = axis_size(axis_name)
     flat = jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in leaves])
-    kind, buffer_id = _select(backend, axis_name, buffer)
+    kind, buffer_id = backends.select(backend, axis_name, buffer, mode="all_reduce")
     if kind == "xla" or (R == 1 and kind != "cuda"):
         total = _sum_fn(None, 0, 0, 0, axis_name, R)(flat)
     else:
@@ -77,24 +77,6 @@ def all_reduce(tree, *, axis_name, buffer=None, config: Optional[Config] = None,
         out.append(jnp.round(v).astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.integer) else v.astype(x.dtype))
         start += size
     return jax.tree.unflatten(treedef, out)
-
-
-def _select(backend: str, axis_name, buffer):
-    """(kind, buffer_id): as dispatch chooses, without the shape checks."""
-    if backend not in backends.BACKENDS:
-        raise ValueError(f"backend must be one of {backends.BACKENDS}, got {backend!r}")
-    if backend == "xla" or backends.cuda_module() is None:
-        if backend == "cuda":
-            raise RuntimeError("backend='cuda' needs the compiled jax_ep CUDA extension (jax_ep._ext)")
-        return "xla", 0
-    from .buffer import lookup
-
-    buf = lookup(axis_name, buffer, required=(backend == "cuda"))
-    if buf is None:
-        return "xla", 0
-    if backend == "auto" and buf.mesh.devices.flat[0].platform != "gpu":
-        return "xla", 0
-    return backend, buf.buffer_id
 
 
 def _sum_xla(flat, axis_name, R: int):

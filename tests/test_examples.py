@@ -87,9 +87,7 @@ def test_per_device_step_equals_the_pjit_step():
         if coll == "xla":
             step = jax.jit(tm.make_train_step(graphdef, opt, 1e-3))
         else:
-            repl = NamedSharding(mesh, P())
-            state_sh = optax.tree_map_params(opt, lambda _, sh: sh, state, shardings[0],
-                                             transform_non_params=lambda _: repl)
+            state_sh = tm.opt_shardings(opt, params, shardings[0], mesh)
             state = jax.device_put(state, state_sh)
             rest_sh = jax.tree.map(lambda a: a.sharding, rest)
             _, step = tm._per_device_fns(graphdef, opt, 1e-3, mesh, tables, 16, 17,

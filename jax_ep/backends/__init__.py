@@ -41,7 +41,9 @@ def cuda_module():
 
 
 def select(backend: str, axis_name, buffer, *, mode: str, **shape) -> tuple:
-    """Returns (kind, buffer_id) with kind in {"xla", "cuda", "auto"}."""
+    """Returns (kind, buffer_id) with kind in {"xla", "cuda", "auto"}. Without `shape`
+    (a call whose size the Buffer bounds by itself, as all_reduce cuts its values
+    into pieces) the kernels' shape limits and the Buffer's size are not checked."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "xla":
@@ -73,14 +75,15 @@ def select(backend: str, axis_name, buffer, *, mode: str, **shape) -> tuple:
         return "xla", 0
     from .cuda import MAX_TOP_K
 
-    if shape["top_k"] > MAX_TOP_K or shape["hidden"] % 8:
+    if shape and (shape["top_k"] > MAX_TOP_K or shape["hidden"] % 8):
         why = (f"top_k={shape['top_k']} (the kernels take at most {MAX_TOP_K})"
                if shape["top_k"] > MAX_TOP_K else f"hidden={shape['hidden']} (must be a multiple of 8)")
         if backend == "cuda":
             raise ValueError(f"backend='cuda' does not support {why}; use backend='xla'")
         _say_once(f"jax_ep: backend 'auto' -> xla: {why}")
         return "xla", 0
-    buf.check_call(mode=mode, **shape)
+    if shape:
+        buf.check_call(mode=mode, **shape)
     _say_once(f"jax_ep: backend {backend!r} -> CUDA kernels on GPUs for axis {axis_name!r}")
     return ("cuda" if backend == "cuda" else "auto"), buf.buffer_id
 
