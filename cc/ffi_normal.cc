@@ -143,6 +143,9 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer exper
   a.y = y->untyped_data();
   a.slot_vals = slot_vals->element_count() ? slot_vals->typed_data() : nullptr;
   a.epoch_out = epoch->typed_data();
+  a.pull = R > 1 && st->window_on() && st->in_window(a.expert_out, expert_out.size_bytes()) &&
+           st->in_window(a.weights, weights.size_bytes()) && st->in_window(a.row_vals, row_vals.size_bytes()) &&
+           st->in_window(a.src_rows, src_rows.size_bytes());
   return from_cuda(launch_combine(a, stream), "combine launch");
 }
 

@@ -49,6 +49,8 @@ jax_ep::Offsets offsets_from(const nb::dict& d) {
   o.rdma_flag = get("rdma_flag");
   o.rdma_ready = get("rdma_ready");
   o.fwd_inbox = get("fwd_inbox");
+  o.call_rec = get("call_rec");
+  o.done_inbox = get("done_inbox");
   return o;
 }
 
@@ -126,6 +128,37 @@ NB_MODULE(_ext, m) {
       nb::arg("buffer_id"), nb::arg("device"), nb::arg("handles"), nb::arg("local_devices"),
       "Map the peers: IPC handles per rank (other processes), or the device of each rank "
       "driven by this process (-1 elsewhere).");
+
+  m.def(
+      "export_window",
+      [](uint64_t id, int device, uint64_t ptr) {
+        const std::string rec = state(id, device)->export_window(ptr);
+        return nb::bytes(rec.data(), rec.size());
+      },
+      nb::arg("buffer_id"), nb::arg("device"), nb::arg("ptr"),
+      "A record that lets the peers map the device allocation holding `ptr` (empty: it "
+      "cannot be shared).");
+
+  m.def(
+      "import_windows",
+      [](uint64_t id, int device, std::vector<nb::bytes> records) {
+        std::vector<std::string> rs;
+        for (auto& r : records) rs.emplace_back(r.c_str(), r.size());
+        std::string why;
+        const bool ok = state(id, device)->import_windows(rs, &why);
+        return nb::make_tuple(ok, why);
+      },
+      nb::arg("buffer_id"), nb::arg("device"), nb::arg("records"),
+      "Map every other rank's window record; (ok, why not).");
+
+  m.def(
+      "enable_window", [](uint64_t id, int device, bool on) { state(id, device)->enable_window(on); },
+      nb::arg("buffer_id"), nb::arg("device"), nb::arg("on"),
+      "Switch the windows on (every rank mapped every other) or drop them.");
+
+  m.def(
+      "window_on", [](uint64_t id, int device) { return state(id, device)->window_on(); },
+      nb::arg("buffer_id"), nb::arg("device"));
 
   m.def("close", [](uint64_t id, int device) { jax_ep::remove_state(id, device); },
         "Free a buffer's memory on one device.");

@@ -1,11 +1,15 @@
 #include "runtime.h"
 
+#include <cuda.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <cerrno>
 #include <cstring>
+#include <type_traits>
 #include <mutex>
 
 #include "nvshmem_runtime.h"
@@ -32,6 +36,7 @@ const char* phase_name(uint32_t p) {
     case kPhaseLowLatencyCombineSend: return "low_latency_combine_send";
     case kPhaseCombineForward: return "combine (forwarding a node's partial sums)";
     case kPhaseAllReduceWait: return "all_reduce (waiting for a peer's values)";
+    case kPhaseCombineRelease: return "combine (waiting for a rank to finish reading this rank's expert outputs)";
     default: return "unknown";
   }
 }
@@ -43,6 +48,59 @@ struct DeviceGuard {
     check_cuda(cudaSetDevice(dev), "cudaSetDevice");
   }
   ~DeviceGuard() { cudaSetDevice(prev); }
+};
+
+// The driver calls of the windows, found at run time (no link to libcuda).
+struct Driver {
+  CUresult (*get_range)(CUdeviceptr*, size_t*, CUdeviceptr) = nullptr;
+  CUresult (*retain)(CUmemGenericAllocationHandle*, void*) = nullptr;
+  CUresult (*props)(CUmemAllocationProp*, CUmemGenericAllocationHandle) = nullptr;
+  CUresult (*export_fd)(void*, CUmemGenericAllocationHandle, CUmemAllocationHandleType, unsigned long long) = nullptr;
+  CUresult (*import_fd)(CUmemGenericAllocationHandle*, void*, CUmemAllocationHandleType) = nullptr;
+  CUresult (*release)(CUmemGenericAllocationHandle) = nullptr;
+  CUresult (*reserve)(CUdeviceptr*, size_t, size_t, CUdeviceptr, unsigned long long) = nullptr;
+  CUresult (*free_va)(CUdeviceptr, size_t) = nullptr;
+  CUresult (*map)(CUdeviceptr, size_t, size_t, CUmemGenericAllocationHandle, unsigned long long) = nullptr;
+  CUresult (*unmap)(CUdeviceptr, size_t) = nullptr;
+  CUresult (*set_access)(CUdeviceptr, size_t, const CUmemAccessDesc*, size_t) = nullptr;
+  bool ok = false;
+};
+
+const Driver& driver() {
+  static const Driver d = [] {
+    Driver d;
+    bool ok = true;
+    auto get = [&ok](const char* name, auto** fn) {
+      void* p = nullptr;
+      cudaDriverEntryPointQueryResult q;
+      if (cudaGetDriverEntryPointByVersion(name, &p, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+          q != cudaDriverEntryPointSuccess || p == nullptr) {
+        (void)cudaGetLastError();
+        ok = false;
+      }
+      *fn = reinterpret_cast<std::remove_pointer_t<decltype(fn)>>(p);
+    };
+    get("cuMemGetAddressRange", &d.get_range);
+    get("cuMemRetainAllocationHandle", &d.retain);
+    get("cuMemGetAllocationPropertiesFromHandle", &d.props);
+    get("cuMemExportToShareableHandle", &d.export_fd);
+    get("cuMemImportFromShareableHandle", &d.import_fd);
+    get("cuMemRelease", &d.release);
+    get("cuMemAddressReserve", &d.reserve);
+    get("cuMemAddressFree", &d.free_va);
+    get("cuMemMap", &d.map);
+    get("cuMemUnmap", &d.unmap);
+    get("cuMemSetAccess", &d.set_access);
+    d.ok = ok;
+    return d;
+  }();
+  return d;
+}
+
+// A record of export_window: pid, fd, base, size.
+struct WindowRecord {
+  int64_t pid, fd;
+  uint64_t base, size;
 };
 
 }  // namespace
@@ -107,6 +165,7 @@ BufferState::~BufferState() {
   stop_ = true;
   if (watchdog_.joinable()) watchdog_.join();
   if (!cuda_up) return;
+  drop_windows();
   for (char* p : opened_)
     if (cudaIpcCloseMemHandle(p) == cudaSuccess) g_open_mappings.fetch_sub(1);
   if (transport_ == kTransportNvshmem) {
@@ -158,6 +217,129 @@ void BufferState::connect(const std::vector<std::string>& handles,
   connected_ = true;
 }
 
+std::string BufferState::export_window(uint64_t ptr) {
+  const Driver& d = driver();
+  if (!d.ok || ptr == 0) return "";
+  DeviceGuard guard(device_);
+  CUdeviceptr base = 0;
+  size_t size = 0;
+  CUmemGenericAllocationHandle h = 0;
+  if (d.get_range(&base, &size, ptr) != CUDA_SUCCESS || d.retain(&h, reinterpret_cast<void*>(base)) != CUDA_SUCCESS)
+    return "";  // not a VMM allocation
+  CUmemAllocationProp prop{};
+  int fd = -1;
+  const bool ok = d.props(&prop, h) == CUDA_SUCCESS &&
+                  (prop.requestedHandleTypes & CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR) &&
+                  d.export_fd(&fd, h, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0) == CUDA_SUCCESS;
+  d.release(h);  // the retain's reference; the allocation stays XLA's
+  if (!ok) return "";
+  // The whole range must be this one allocation (a mapping of several could not
+  // be shared by one descriptor): its last byte's allocation is the same one.
+  CUmemGenericAllocationHandle h_last = 0;
+  if (d.retain(&h_last, reinterpret_cast<void*>(base + size - 1)) != CUDA_SUCCESS) {
+    close(fd);
+    return "";
+  }
+  d.release(h_last);
+  if (h_last != h) {
+    close(fd);
+    return "";
+  }
+  if (win_fd_ >= 0) close(win_fd_);
+  win_fd_ = fd;
+  win_base_ = base;
+  win_size_ = size;
+  const WindowRecord rec{static_cast<int64_t>(getpid()), fd, base, size};
+  return std::string(reinterpret_cast<const char*>(&rec), sizeof(rec));
+}
+
+bool BufferState::import_windows(const std::vector<std::string>& records, std::string* why) {
+  const Driver& d = driver();
+  drop_windows();
+  win_delta_.assign(nranks_, 0);
+  if (!d.ok) {
+    *why = "the driver lacks the virtual memory calls";
+    return false;
+  }
+  DeviceGuard guard(device_);
+  for (int r = 0; r < nranks_; ++r) {
+    if (r == rank_) continue;
+    if (r >= static_cast<int>(records.size()) || records[r].size() != sizeof(WindowRecord)) {
+      *why = "rank " + std::to_string(r) + " has no window";
+      drop_windows();
+      return false;
+    }
+    WindowRecord rec;
+    std::memcpy(&rec, records[r].data(), sizeof(rec));
+    // The descriptor lives in the other process: take a copy of it.
+    const int pidfd = static_cast<int>(syscall(SYS_pidfd_open, static_cast<pid_t>(rec.pid), 0));
+    const int fd = pidfd < 0 ? -1 : static_cast<int>(syscall(SYS_pidfd_getfd, pidfd, static_cast<int>(rec.fd), 0));
+    if (pidfd >= 0) close(pidfd);
+    if (fd < 0) {
+      *why = "pidfd_getfd of rank " + std::to_string(r) + "'s descriptor failed: " + std::strerror(errno);
+      drop_windows();
+      return false;
+    }
+    CUmemGenericAllocationHandle h = 0;
+    const CUresult ri = d.import_fd(&h, reinterpret_cast<void*>(static_cast<uintptr_t>(fd)),
+                                    CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR);
+    close(fd);
+    CUdeviceptr va = 0;
+    bool ok = ri == CUDA_SUCCESS && d.reserve(&va, rec.size, 0, 0, 0) == CUDA_SUCCESS;
+    if (ok && d.map(va, rec.size, 0, h, 0) != CUDA_SUCCESS) {
+      d.free_va(va, rec.size);
+      ok = false;
+    }
+    if (ok) {
+      CUmemAccessDesc acc{};
+      acc.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+      acc.location.id = device_;
+      acc.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+      if (d.set_access(va, rec.size, &acc, 1) != CUDA_SUCCESS) {
+        d.unmap(va, rec.size);
+        d.free_va(va, rec.size);
+        ok = false;
+      }
+    }
+    if (!ok) {
+      if (ri == CUDA_SUCCESS) d.release(h);
+      *why = "mapping rank " + std::to_string(r) + "'s window failed";
+      drop_windows();
+      return false;
+    }
+    win_maps_.push_back({va, rec.size, h});
+    win_delta_[r] = static_cast<int64_t>(va) - static_cast<int64_t>(rec.base);
+  }
+  return true;
+}
+
+void BufferState::enable_window(bool on) {
+  if (!on) drop_windows();
+  window_ = on && win_size_ > 0 && static_cast<int>(win_delta_.size()) == nranks_;
+  if (win_fd_ >= 0) {  // every peer holds its own copy by now (or none will)
+    close(win_fd_);
+    win_fd_ = -1;
+  }
+}
+
+void BufferState::drop_windows() {
+  const Driver& d = driver();
+  for (const Mapping& m : win_maps_) {
+    d.unmap(m.va, m.size);
+    d.free_va(m.va, m.size);
+    d.release(m.handle);
+  }
+  win_maps_.clear();
+  win_delta_.clear();
+  window_ = false;
+}
+
+bool BufferState::in_window(const void* p, size_t bytes) const {
+  if (p == nullptr) return bytes == 0;
+  const uint64_t a = reinterpret_cast<uint64_t>(p);
+  return window_ && a >= win_base_ && a - win_base_ <= win_size_ && bytes <= win_size_ - (a - win_base_);
+}
+
 bool BufferState::maps_every_rank(int* missing) const {
   for (int r = 0; r < nranks_; ++r)
     if (on_my_node(r) && peers_[r] == nullptr) {
@@ -180,6 +362,9 @@ CallCtx BufferState::ctx() const {
   c.transport = transport_;
   c.nodes = num_nodes_;
   c.local_size = nranks_ / num_nodes_;
+  c.window = window_ ? 1 : 0;
+  if (window_)
+    for (int r = 0; r < nranks_; ++r) c.win_delta[r] = win_delta_[r];
   return c;
 }
 

@@ -40,6 +40,19 @@ class BufferState {
   // driven by this process, their state's pointer directly (peer access).
   void connect(const std::vector<std::string>& handles, const std::vector<BufferState*>& local);
 
+  // Windows (CallCtx::window). export_window: a record (pid, file descriptor,
+  // base, size) of the VMM allocation that holds `ptr` (an XLA buffer of this
+  // device), or "" when it cannot be shared (not VMM, no POSIX fd export).
+  // import_windows: map every other rank's record (a descriptor of another
+  // process taken with pidfd_getfd); false, with nothing kept, when any fails.
+  // enable_window: switch them on once every rank has imported every record.
+  std::string export_window(uint64_t ptr);
+  bool import_windows(const std::vector<std::string>& records, std::string* why);
+  void enable_window(bool on);
+  bool window_on() const { return window_; }
+  // [p, p + bytes) lies in this rank's exported allocation (null with 0 bytes does).
+  bool in_window(const void* p, size_t bytes) const;
+
   CallCtx ctx() const;
   const FaultRecord& fault() const { return *fault_host_; }
 
@@ -71,6 +84,15 @@ class BufferState {
   std::vector<char*> peers_;
   std::vector<char*> opened_;  // IPC mappings to close
   bool connected_ = false;
+  struct Mapping {
+    uint64_t va, size, handle;
+  };
+  void drop_windows();
+  uint64_t win_base_ = 0, win_size_ = 0;
+  int win_fd_ = -1;                // this rank's exported descriptor, closed on enable
+  std::vector<Mapping> win_maps_;  // the peers' allocations mapped here
+  std::vector<int64_t> win_delta_;
+  bool window_ = false;
   FaultRecord* fault_host_ = nullptr;
   FaultRecord* fault_dev_ = nullptr;
   std::atomic<bool> stop_{false};

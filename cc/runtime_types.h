@@ -32,6 +32,7 @@ enum Phase : uint32_t {
   kPhaseLowLatencyCombineSend = 7,
   kPhaseCombineForward = 8,
   kPhaseAllReduceWait = 9,
+  kPhaseCombineRelease = 10,
 };
 
 // What a fault record reports.
@@ -70,6 +71,22 @@ struct Offsets {
   //                  apart from `inbox`, which r itself sets in the low-latency calls)
   size_t rdma_recv, comb_fwd, vals_fwd, fwd_tag;
   size_t rdma_flag, rdma_ready, fwd_inbox;
+  // Windows (see CallCtx::window), local, read or written by peers:
+  //   call_rec[2]   per epoch parity, what this rank's call publishes (CallRecord)
+  //   done_inbox[r] (signature << 32) | epoch: rank r has finished reading this
+  //                 rank's XLA buffers of that call
+  size_t call_rec, done_inbox;
+};
+
+// What a normal-mode call publishes for its receivers in `call_rec` (one per
+// epoch parity), written before the call's signal. Pointers are in the
+// publishing rank's address space (0: none); `pull` 1: the receivers read the
+// rows in place through their window, 0: they were pushed into the receivers'
+// buffers.
+struct CallRecord {
+  uint64_t word;  // (signature << 32) | epoch
+  uint64_t pull;
+  uint64_t ptr[6];
 };
 
 // How the low-latency kernels reach other ranks.
@@ -96,6 +113,11 @@ struct CallCtx {
   int transport;      // Transport
   int nodes;          // nodes of the EP group: ranks [n*local_size, (n+1)*local_size) are node n
   int local_size;     // ranks per node (nranks when nodes == 1)
+  // Windows: every rank of the group has mapped every other rank's XLA device
+  // memory (another process's, by its VMM export), so a call may let receivers
+  // read its XLA operands in place. Rank r's address p is p + win_delta[r] here.
+  int window;
+  int64_t win_delta[kMaxRanks];
 };
 
 }  // namespace jax_ep

@@ -1311,12 +1311,17 @@ def _bench_buffer(run: "Run", job: Job, *, T: int, H: int, E: int, K: int, low_l
 
     what = "jax_ep.Buffer(low_latency=True)" if low_latency else "jax_ep.Buffer"
     try:
-        return jax_ep.Buffer(job.mesh, EP, hidden=H, max_tokens_per_rank=T, num_experts=E, top_k=K,
-                             dtype=jnp.bfloat16, low_latency=low_latency, transport=transport,
-                             num_nodes=num_nodes,
-                             name=f"jax_ep_bench_{'ll_' if low_latency else ''}{T}"), None
+        buf = jax_ep.Buffer(job.mesh, EP, hidden=H, max_tokens_per_rank=T, num_experts=E, top_k=K,
+                            dtype=jnp.bfloat16, low_latency=low_latency, transport=transport,
+                            num_nodes=num_nodes, name=f"jax_ep_bench_{'ll_' if low_latency else ''}{T}")
     except Exception as e:  # noqa: BLE001
         return None, run.error(what, e)
+    if buf.allocated and buf.num_ranks > 1:
+        from .backends import cuda as cuda_backend
+
+        run.say(f"{buf.name}: windows {'on' if cuda_backend.windows_on(buf) else 'off'} "
+                "(receivers read peers' XLA buffers in place)")
+    return buf, None
 
 
 def _start_nvshmem(run: "Run", R: int, H: int, E: int, K: int, T: int, *, low_latency: bool = True,

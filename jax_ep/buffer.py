@@ -74,6 +74,8 @@ class Layout:
             ("control", up(64 * 4)),
             ("route_rank", up(R * T * kr * 4)),
             ("route_cnt", up(self.num_experts * -(-T // 512) * 4)),
+            ("call_rec", up(2 * 64)),  # CallRecord per epoch parity (cc/runtime_types.h)
+            ("done_inbox", up(R * 8)),
         ]
         if self.low_latency:
             m = T

@@ -14,8 +14,9 @@ the job runs too long (exit code 124). Ctrl-C is forwarded to every rank.
 GPUs (found with `nvidia-smi -L`, restricted to CUDA_VISIBLE_DEVICES when set):
   default        one GPU per process: process i gets the i-th GPU of this host
                  (with `--nodes`, the simulated nodes share this host's GPUs).
-  --share-gpu    every process on the first GPU, with XLA_PYTHON_CLIENT_PREALLOCATE=false
-                 unless a preallocation or memory fraction is already set, and, without
+  --share-gpu    every process on the first GPU, each with XLA_PYTHON_CLIENT_MEM_FRACTION=
+                 0.5/N of its memory for XLA (one pool, made at start-up, that peers can
+                 map), unless a preallocation or memory fraction is already set, and, without
                  --sms-per-rank (or JAX_EP_NUM_SMS in the environment), JAX_EP_NUM_SMS=SMs//N
                  so that the waiting kernels of all N processes fit the GPU at once;
                  JAX_EP_SHARED_GPU=1 tells programs that XLA's collectives (NCCL)
@@ -137,7 +138,10 @@ def _rank_envs(args: argparse.Namespace, gpus: list[str] | None, port: int,
     if args.share_gpu and not any(
         v in os.environ for v in ("XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION")
     ):
-        base["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+        # One XLA memory pool per process, made at start-up: the processes' shares
+        # leave room for the Buffers, and a pool that never grows is one
+        # allocation, which peers can map (the Buffer's windows).
+        base["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.5 / args.nproc:.4f}"
     sms = int(os.environ.get("JAX_EP_GPU_SMS", _DEFAULT_GPU_SMS))
     if args.sms_per_rank is not None:
         base["JAX_EP_NUM_SMS"] = str(args.sms_per_rank)

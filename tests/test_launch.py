@@ -156,7 +156,8 @@ def test_gpu_assignment(monkeypatch):
     envs = _envs(monkeypatch, ["--nproc", "4", "--share-gpu", "--sms-per-rank", "16", "x.py"],
                  ["3", "5"])
     assert {e["CUDA_VISIBLE_DEVICES"] for e in envs} == {"3"}
-    assert envs[0]["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    assert envs[0]["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.1250"  # 0.5 / 4: one pool each
+    assert "XLA_PYTHON_CLIENT_PREALLOCATE" not in envs[0]
     assert envs[0]["JAX_EP_NUM_SMS"] == "16"
     assert envs[0]["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "13"  # ceil(100 * 16 / 132)
 
@@ -166,6 +167,7 @@ def test_gpu_assignment(monkeypatch):
     envs = launch._rank_envs(launch._parser().parse_args(options), ["0"], 1, {})
     assert envs[1]["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "50"
     assert "XLA_PYTHON_CLIENT_PREALLOCATE" not in envs[1]
+    assert envs[1]["XLA_PYTHON_CLIENT_MEM_FRACTION"] == ".1"  # the user's
 
     envs = _envs(monkeypatch, ["--nproc", "2", "x.py"], None)
     assert envs[0]["JAX_PLATFORMS"] == "cpu" and "CUDA_VISIBLE_DEVICES" not in envs[0]

@@ -642,6 +642,29 @@ __device__ __forceinline__ PartialDst<T> partial_dst(const CallCtx& c, const Nor
           reinterpret_cast<uint32_t*>(h + c.off.fwd_tag) + q};
 }
 
+// What this rank's call publishes for its receivers (CallRecord), before its signal.
+__device__ __forceinline__ void publish_record(const CallCtx& c, uint32_t epoch, bool pull, const void* p0 = nullptr,
+                                               const void* p1 = nullptr, const void* p2 = nullptr,
+                                               const void* p3 = nullptr) {
+  CallRecord* r = reinterpret_cast<CallRecord*>(c.peers.base[c.rank] + c.off.call_rec) + (epoch & 1u);
+  r->word = (static_cast<uint64_t>(c.sig) << 32) | epoch;
+  r->pull = pull;
+  r->ptr[0] = reinterpret_cast<uint64_t>(p0);
+  r->ptr[1] = reinterpret_cast<uint64_t>(p1);
+  r->ptr[2] = reinterpret_cast<uint64_t>(p2);
+  r->ptr[3] = reinterpret_cast<uint64_t>(p3);
+}
+
+// Rank `r`'s record of this call (read after its signal was acquired) and its
+// pointer i in this rank's address space, through the window.
+__device__ __forceinline__ const CallRecord* record_of(const CallCtx& c, int r, uint32_t epoch) {
+  return reinterpret_cast<const CallRecord*>(c.peers.base[r] + c.off.call_rec) + (epoch & 1u);
+}
+template <typename P>
+__device__ __forceinline__ P* through_window(const CallCtx& c, int r, uint64_t p) {
+  return p == 0 ? nullptr : reinterpret_cast<P*>(static_cast<int64_t>(p) + c.win_delta[r]);
+}
+
 // Units a lane carries at once in combine: enough loads in flight to cover
 // the latency when a token has only one or two rows here.
 template <typename T>
@@ -678,6 +701,13 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineArgs a) {
   const int ks = s.tokens_layout ? s.K : s.Kr;
   const bool weighted = a.weights != nullptr;
   const char* eo = static_cast<const char*>(a.expert_out);
+  if (!kLocal && a.pull) {  // the receivers read the rows where they are (one block)
+    if (threadIdx.x == 0) {
+      publish_record(c, epoch, true, a.expert_out, a.weights, a.row_vals, a.src_rows);
+      signal_node(c, epoch);
+    }
+    return;
+  }
   for (int g = blockIdx.x * kWarps + warp_id(); g < R * s.T; g += gridDim.x * kWarps) {
     const int src = g / s.T, t = g % s.T;
     const int pos = lane < s.Kr ? a.src_rows[static_cast<size_t>(g) * s.Kr + lane] : -1;
@@ -746,6 +776,7 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineArgs a) {
   if (kLocal) {
     close_call(c, c.control + kCtlDoneSend, epoch, a.epoch_out);
   } else if (last_block_done(c.control + kCtlDoneSend) && threadIdx.x == 0) {
+    if (c.window) publish_record(c, epoch, false);
     signal_node(c, epoch);
   }
 }
@@ -789,8 +820,18 @@ __global__ void __launch_bounds__(kThreads) combine_forward_kernel(CombineArgs a
   }
 }
 
+// T's rounding of a float32 sum (a partial as the pushing rank would store it).
+template <typename T>
+__device__ __forceinline__ float round_to(float v) {
+  return Num<T>::to_f32(Num<T>::from_f32(v));
+}
+
 // Token side: wait for every rank, then add the partials in rank order,
 // loading up to kBatch ranks' partials (kU units each) before adding any.
+// A rank that published its rows in place (windows) has no partial here: its
+// rows of the token are read from its expert_out and summed in its local-expert
+// order first, rounded to T as its pushed partial would be. A rank that let
+// others read its rows keeps the call open until all of them are done.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineArgs a) {
   constexpr int UB = kUnit * sizeof(T), kU = combine_units<T>() / 2, kBatch = 4;
@@ -799,19 +840,43 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineArgs a) {
   const uint32_t epoch = current_epoch(c);
   const int R = c.nranks, lane = lane_id(), units = s.H / kUnit;
   const int ks = s.tokens_layout ? s.K : s.Kr;
+  // Each rank's rows in place (null: it pushed its partials here).
+  __shared__ const char* src_eo[kMaxRanks];
+  __shared__ const float* src_w[kMaxRanks];
+  __shared__ const float* src_vals[kMaxRanks];
+  __shared__ const int32_t* src_map[kMaxRanks];
+  __shared__ int any_pull;
+  if (threadIdx.x == 0) any_pull = 0;
+  __syncthreads();
   // every rank's partials: this node's ranks signal themselves, the others'
   // forwarders signal for them (fwd_inbox), after the rows the network delivered
   for (int r = threadIdx.x; r < R; r += blockDim.x) {
-    if (r == c.rank) continue;
-    if (on_my_node(c, r)) {
-      wait_signal(c, kPhaseCombineWait, r, epoch);
-    } else {
-      uint64_t* w = reinterpret_cast<uint64_t*>(c.peers.base[c.rank] + c.off.fwd_inbox) + r;
-      wait_word(c, kPhaseCombineWait, r, epoch, w);
-      after_remote_signal(c, w);
+    if (r != c.rank) {
+      if (on_my_node(c, r)) {
+        wait_signal(c, kPhaseCombineWait, r, epoch);
+      } else {
+        uint64_t* w = reinterpret_cast<uint64_t*>(c.peers.base[c.rank] + c.off.fwd_inbox) + r;
+        wait_word(c, kPhaseCombineWait, r, epoch, w);
+        after_remote_signal(c, w);
+      }
+    }
+    src_eo[r] = nullptr;
+    if (c.window) {
+      const auto* rec = reinterpret_cast<const unsigned long long*>(record_of(c, r, epoch));
+      const uint64_t word = __ldcg(rec);
+      if (word != ((static_cast<uint64_t>(c.sig) << 32) | epoch))
+        fail(c, kFaultMismatch, kPhaseCombineWait, r, static_cast<uint32_t>(word >> 32), c.sig);
+      if (__ldcg(rec + 1) != 0) {
+        src_eo[r] = through_window<const char>(c, r, __ldcg(rec + 2));
+        src_w[r] = through_window<const float>(c, r, __ldcg(rec + 3));
+        src_vals[r] = through_window<const float>(c, r, __ldcg(rec + 4));
+        src_map[r] = through_window<const int32_t>(c, r, __ldcg(rec + 5));
+        any_pull = 1;
+      }
     }
   }
   __syncthreads();
+  const bool pull = any_pull != 0;
   for (int t = blockIdx.x * kWarps + warp_id(); t < s.T; t += gridDim.x * kWarps) {
     uint64_t mask = 0;
     for (int r0 = 0; r0 < R; r0 += 32) {
@@ -819,44 +884,157 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineArgs a) {
       mask |= static_cast<uint64_t>(__ballot_sync(0xffffffffu, m)) << r0;
     }
     T* y = static_cast<T*>(a.y) + static_cast<size_t>(t) * s.H;
-    for (int base = 0; base < units; base += 32 * kU) {
-      const int u0 = base + lane;
-      float acc[kU][kUnit];
+    if (!pull) {
+      for (int base = 0; base < units; base += 32 * kU) {
+        const int u0 = base + lane;
+        float acc[kU][kUnit];
 #pragma unroll
-      for (int j = 0; j < kU; ++j)
+        for (int j = 0; j < kU; ++j)
 #pragma unroll
-        for (int e = 0; e < kUnit; ++e) acc[j][e] = -0.f;
-      for (uint64_t m = mask; m != 0;) {
-        int rk[kBatch];  // the next ranks in order, -1 past the last
+          for (int e = 0; e < kUnit; ++e) acc[j][e] = -0.f;
+        for (uint64_t m = mask; m != 0;) {
+          int rk[kBatch];  // the next ranks in order, -1 past the last
 #pragma unroll
-        for (int b = 0; b < kBatch; ++b) {
-          rk[b] = m != 0 ? __ffsll(static_cast<long long>(m)) - 1 : -1;
-          if (m != 0) m &= m - 1;
+          for (int b = 0; b < kBatch; ++b) {
+            rk[b] = m != 0 ? __ffsll(static_cast<long long>(m)) - 1 : -1;
+            if (m != 0) m &= m - 1;
+          }
+          RawUnit<UB, true> v[kBatch][kU];
+#pragma unroll
+          for (int b = 0; b < kBatch; ++b) {
+            if (rk[b] < 0) continue;
+            const char* p = reinterpret_cast<const char*>(comb_slot<T>(c, s, c.rank, rk[b], t, epoch));
+#pragma unroll
+            for (int j = 0; j < kU; ++j)
+              if (u0 + 32 * j < units) v[b][j].load(p + static_cast<size_t>(u0 + 32 * j) * UB);
+          }
+#pragma unroll
+          for (int b = 0; b < kBatch; ++b)
+            if (rk[b] >= 0) add_units<T>(acc, v[b], u0, units, false, 1.f);
         }
-        RawUnit<UB, true> v[kBatch][kU];
 #pragma unroll
-        for (int b = 0; b < kBatch; ++b) {
-          if (rk[b] < 0) continue;
-          const char* p = reinterpret_cast<const char*>(comb_slot<T>(c, s, c.rank, rk[b], t, epoch));
-#pragma unroll
-          for (int j = 0; j < kU; ++j)
-            if (u0 + 32 * j < units) v[b][j].load(p + static_cast<size_t>(u0 + 32 * j) * UB);
-        }
-#pragma unroll
-        for (int b = 0; b < kBatch; ++b)
-          if (rk[b] >= 0) add_units<T>(acc, v[b], u0, units, false, 1.f);
+        for (int j = 0; j < kU; ++j)
+          if (u0 + 32 * j < units) store_unit(y + (u0 + 32 * j) * kUnit, acc[j]);
       }
+    } else {
+      // The token's rows in (rank, local-expert) order, lane j holding the j-th:
+      // its rank, its row there (-1: the rank's partial, pushed here) and weight.
+      // At most K rows (and a pushed partial stands for at least one), so <= 16.
+      int n = 0, e_rank = -1, e_pos = -1;
+      float e_w = 1.f;
+      const int per = 32 / s.Kr;  // ranks looked up per round, Kr lanes each
+      for (uint64_t m = mask; m != 0;) {
+        const int q = lane / s.Kr, i = lane % s.Kr;
+        int r = -1;
+        for (int b = 0; b < per && m != 0; ++b) {
+          const int rb = __ffsll(static_cast<long long>(m)) - 1;
+          m &= m - 1;
+          if (b == q) r = rb;
+        }
+        int pos = -1;
+        float w = 1.f;
+        bool have = false;
+        if (r >= 0) {
+          if (src_eo[r] == nullptr) {
+            have = i == 0;
+          } else {
+            pos = __ldcg(src_map[r] + (static_cast<size_t>(c.rank) * s.T + t) * s.Kr + i);
+            have = pos >= 0;
+            if (have && src_w[r] != nullptr) w = __ldcg(src_w[r] + pos);
+          }
+        }
+        const uint32_t got = __ballot_sync(0xffffffffu, have);
+        const int j = lane - n, cnt = __popc(got);
+        int from = lane;
+        if (j >= 0 && j < cnt) {
+          uint32_t g = got;
+          for (int k = 0; k < j; ++k) g &= g - 1;
+          from = __ffs(g) - 1;
+        }
+        const int r_f = __shfl_sync(0xffffffffu, r, from), p_f = __shfl_sync(0xffffffffu, pos, from);
+        const float w_f = __shfl_sync(0xffffffffu, w, from);
+        if (j >= 0 && j < cnt) e_rank = r_f, e_pos = p_f, e_w = w_f;
+        n += cnt;
+      }
+      for (int base = 0; base < units; base += 32 * kU) {
+        const int u0 = base + lane;
+        float acc[kU][kUnit], part[kU][kUnit];
 #pragma unroll
-      for (int j = 0; j < kU; ++j)
-        if (u0 + 32 * j < units) store_unit(y + (u0 + 32 * j) * kUnit, acc[j]);
+        for (int j = 0; j < kU; ++j)
+#pragma unroll
+          for (int e = 0; e < kUnit; ++e) acc[j][e] = part[j][e] = -0.f;
+        for (int e0 = 0; e0 < n; e0 += kBatch) {
+          int er[kBatch], ep[kBatch];
+          float ew[kBatch];
+          RawUnit<UB, true> v[kBatch][kU];
+#pragma unroll
+          for (int b = 0; b < kBatch; ++b) {
+            const int e = e0 + b;
+            er[b] = __shfl_sync(0xffffffffu, e_rank, e & 31);
+            ep[b] = __shfl_sync(0xffffffffu, e_pos, e & 31);
+            ew[b] = __shfl_sync(0xffffffffu, e_w, e & 31);
+            if (e >= n) er[b] = -1;
+            if (er[b] < 0) continue;
+            const char* p = ep[b] < 0 ? reinterpret_cast<const char*>(comb_slot<T>(c, s, c.rank, er[b], t, epoch))
+                                      : src_eo[er[b]] + static_cast<size_t>(ep[b]) * units * UB;
+#pragma unroll
+            for (int j = 0; j < kU; ++j)
+              if (u0 + 32 * j < units) v[b][j].load(p + static_cast<size_t>(u0 + 32 * j) * UB);
+          }
+          const int next = __shfl_sync(0xffffffffu, e_rank, (e0 + kBatch) & 31);
+#pragma unroll
+          for (int b = 0; b < kBatch; ++b) {
+            if (er[b] < 0) continue;
+            add_units<T>(part, v[b], u0, units, ep[b] >= 0 && src_w[er[b]] != nullptr, ew[b]);
+            const int e = e0 + b;
+            const int after = e + 1 >= n ? -1 : (b + 1 < kBatch ? er[b + 1] : next);
+            if (after == er[b]) continue;
+#pragma unroll
+            for (int j = 0; j < kU; ++j)
+#pragma unroll
+              for (int x = 0; x < kUnit; ++x) {
+                acc[j][x] = __fadd_rn(acc[j][x], round_to<T>(part[j][x]));
+                part[j][x] = -0.f;
+              }
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < kU; ++j)
+          if (u0 + 32 * j < units) store_unit(y + (u0 + 32 * j) * kUnit, acc[j]);
+      }
     }
     if (a.slot_vals != nullptr && lane < s.K) {
       const int sp = a.slot_pos[t * s.K + lane];
-      a.slot_vals[t * s.K + lane] =
-          sp >= 0 ? __ldcg(vals_slot(c, s, c.rank, sp / ks, t, ks, epoch) + sp % ks) : 0.f;
+      float v = 0.f;
+      if (sp >= 0) {
+        const int q = sp / ks, j = sp % ks;
+        if (src_eo[q] == nullptr) {
+          v = __ldcg(vals_slot(c, s, c.rank, q, t, ks, epoch) + j);
+        } else if (src_vals[q] != nullptr) {
+          const int32_t* map = src_map[q] + (static_cast<size_t>(c.rank) * s.T + t) * s.Kr;
+          const int p = __ldcg(map + (s.tokens_layout ? 0 : j));
+          if (p >= 0) v = __ldcg(src_vals[q] + (s.tokens_layout ? static_cast<size_t>(p) * s.K + j : p));
+        }
+      }
+      a.slot_vals[t * s.K + lane] = v;
     }
   }
-  close_call(c, c.control + kCtlDoneRecv, epoch, a.epoch_out);
+  const bool last = c.window ? last_block_done<true>(c.control + kCtlDoneRecv)
+                             : last_block_done<false>(c.control + kCtlDoneRecv);
+  if (!last) return;
+  if (c.window) {  // this rank has read every rank's rows; a rank that published waits for all
+    const uint64_t word = (static_cast<uint64_t>(c.sig) << 32) | epoch;
+    for (int r = threadIdx.x; r < R; r += blockDim.x)
+      st_release_sys64(reinterpret_cast<uint64_t*>(c.peers.base[r] + c.off.done_inbox) + c.rank, word);
+    if (a.pull) {
+      const uint64_t* done = reinterpret_cast<const uint64_t*>(c.peers.base[c.rank] + c.off.done_inbox);
+      wait_each(c, [&](int r) { wait_word(c, kPhaseCombineRelease, r, epoch, done + r); });
+    }
+  }
+  if (threadIdx.x == 0) {
+    c.control[kCtlEpoch] = epoch;
+    *a.epoch_out = static_cast<int32_t>(epoch);
+  }
 }
 
 // ------------------------------------------------------------------ redispatch
@@ -1035,7 +1213,7 @@ cudaError_t dispatch_typed(const DispatchArgs& a, cudaStream_t stream) {
 template <typename T>
 cudaError_t combine_typed(const CombineArgs& a, cudaStream_t stream) {
   if (a.c.nranks == 1) return launch(combine_send_kernel<T, true>, a.num_sms, 0, stream, a);
-  JAX_EP_RETURN_IF_ERROR(launch(combine_send_kernel<T, false>, a.num_sms, 0, stream, a));
+  JAX_EP_RETURN_IF_ERROR(launch(combine_send_kernel<T, false>, a.pull ? 1 : a.num_sms, 0, stream, a));
   if (a.c.nodes > 1) JAX_EP_RETURN_IF_ERROR(launch(combine_forward_kernel<T>, a.num_sms, 0, stream, a));
   return launch(combine_recv_kernel<T>, a.num_sms, 0, stream, a);
 }

@@ -11,7 +11,10 @@
 //           expert rows (the XLA output), zero the padding, close the call.
 // Combine mirrors it: `send` reduces each (token, source) over local experts
 // and pushes the partial into the source's buffer, then signals; `recv`
-// waits for every rank and sums the partials in rank order. With one rank
+// waits for every rank and sums the partials in rank order. With windows
+// (CombineArgs::pull) `send` only publishes where its expert rows are, and
+// `recv` reads them in place, making each rank's partial itself in the same
+// order; a rank then holds its call open until every rank has read its rows. With one rank
 // both directions run in one pass over the XLA buffers, with no staging.
 #pragma once
 
@@ -75,6 +78,10 @@ struct CombineArgs {
   void* y;
   float* slot_vals;  // [T, K] or null
   int32_t* epoch_out;
+  // The receivers read expert_out (with weights, row_vals and src_rows) here,
+  // through their windows, instead of this rank pushing partial sums to them
+  // (CallCtx::window, and every one of those buffers lies in this rank's window).
+  bool pull;
 };
 
 struct RedispatchArgs {

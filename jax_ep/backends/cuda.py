@@ -169,7 +169,45 @@ def create_buffer(buf) -> Optional[NativeBuffer]:
                 handles[r] = handle
         for d in local:
             _ext.connect(buf.buffer_id, d.local_hardware_id, handles, local_devs)
+        if len(local) == 1 and len(ranks) > 1 and buf.num_nodes == 1 and _windows_wanted():
+            _open_windows(buf, kv, local[0], ranks.index(local[0]), len(ranks))
     return NativeBuffer(buf.buffer_id, mine, (lambda: [b() for b in barriers]) if barriers else None)
+
+
+def _windows_wanted() -> bool:
+    return os.environ.get("JAX_EP_WINDOWS", "1") != "0"
+
+
+def _open_windows(buf, kv, dev, rank: int, size: int) -> None:
+    """Map every peer's XLA device memory (one process per rank, one node).
+
+    XLA keeps a device's buffers in one VMM allocation; each rank exports it as a
+    file descriptor, the others take a copy (pidfd_getfd) and map it. Once every
+    rank has mapped every other, a normal-mode call may leave its XLA operands
+    where they are and let the receivers read them (the combine's expert rows),
+    instead of copying them into the receivers' buffers first. Any failure on
+    any rank leaves the group on the copying path, which is always correct.
+    """
+    ptr = jax.device_put(np.zeros(16, np.uint8), dev).unsafe_buffer_pointer()
+    rec = _ext.export_window(buf.buffer_id, dev.local_hardware_id, ptr)
+    kv.set(f"window/{rank}", rec or b"-")
+    recs = [kv.get(f"window/{r}") for r in range(size)]
+    if b"-" in recs:
+        ok, why = False, f"rank {recs.index(b'-')} cannot share its XLA memory"
+    else:
+        ok, why = _ext.import_windows(buf.buffer_id, dev.local_hardware_id, recs)
+    kv.set(f"window_ok/{rank}", b"1" if ok else b"0")
+    on = all(kv.get(f"window_ok/{r}") == b"1" for r in range(size))
+    _ext.enable_window(buf.buffer_id, dev.local_hardware_id, on)
+    if not on and os.environ.get("JAX_EP_DEBUG", "0") not in ("", "0"):
+        print(f"jax_ep: Buffer {buf.name!r}: no windows ({why or 'another rank could not map them'}); "
+              "the calls copy through the Buffer", flush=True)
+
+
+def windows_on(buf) -> bool:
+    """Whether this process's ranks of `buf` read their peers' XLA buffers in place."""
+    native = buf._native
+    return bool(native and native.devices and all(_ext.window_on(buf.buffer_id, d) for d in native.devices))
 
 
 def _create_nvshmem(buf, groups, offsets, config: bytes, n: int) -> NativeBuffer:

@@ -1,10 +1,14 @@
 """Normal-mode CUDA kernels against the xla backend, bit for bit, on every rank."""
 
+import os
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from harness import (assert_same, buffer, dispatch_combine_body, grad_body, local_ranks, num_ranks,
+import jax_ep
+from jax_ep.backends import cuda as cuda_backend
+from harness import (AXIS, assert_same, buffer, dispatch_combine_body, gpu_mesh, grad_body, local_ranks, num_ranks,
                      routing, run_gpu, run_oracle, soak_body)
 
 T, H, E, K = 96, 256, 32, 6
@@ -46,6 +50,42 @@ def test_dispatch_combine_matches_xla(case):
     got = run_gpu(key + ("cuda",), _body("cuda", *case[:7]), x, idx, w)
     want = run_oracle(key + ("xla",), _body("xla", *case[:7]), x, idx, w)
     assert_same(got, want, f"{case}")
+
+
+def test_windows_and_copies_agree():
+    """Combine with windows (every rank reads the others' expert rows in place) and
+    without (each rank pushes its partial sums into the others' Buffers): the same
+    bits. Between processes on one node the windows must be open by default."""
+    n = num_ranks()
+    buffer()
+    if n > 1 and len(local_ranks()) == 1 and os.environ.get("JAX_EP_WINDOWS", "1") != "0":
+        assert cuda_backend.windows_on(buffer()), "a process did not map its peers' XLA memory"
+    before = os.environ.get("JAX_EP_WINDOWS")
+    os.environ["JAX_EP_WINDOWS"] = "0"
+    try:
+        copying = jax_ep.Buffer(gpu_mesh(), AXIS, hidden=256, max_tokens_per_rank=128, num_experts=32,
+                                top_k=8, dtype=jnp.float32, name="copying")
+    finally:
+        if before is None:
+            del os.environ["JAX_EP_WINDOWS"]
+        else:
+            os.environ["JAX_EP_WINDOWS"] = before
+    try:
+        assert not cuda_backend.windows_on(copying)
+        for i in (0, 3, 9, 11):  # weighted experts, capacity drops, tokens, one hot rank
+            case = CASES[i]
+            layout, fp8, out_dtype, cap, max_rows, weighted, dtype, kind = case
+            rng = np.random.default_rng(100 + i)
+            x = rng.standard_normal((n * T, H)).astype(np.float32)
+            idx = routing(kind, n, T, K, E, seed=i + n)
+            w = rng.random((n * T, K)).astype(np.float32)
+            key = ("win",) + tuple(str(v) for v in case)
+            fast = run_gpu(key + ("default",), _body("cuda", *case[:7]), x, idx, w)
+            slow = run_gpu(key + ("copying",),
+                           dispatch_combine_body("cuda", *case[:7], E, buf=copying), x, idx, w)
+            assert_same(fast, slow, f"{case}")
+    finally:
+        copying.close()
 
 
 def test_rank_layout():
