@@ -97,6 +97,9 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
   a.src_rows = src_rows->typed_data();
   a.num_rows = num_rows->typed_data();
   a.epoch_out = epoch->typed_data();
+  a.pull = R > 1 && st->window_on() && (a.out_kind == kOutSame || pre) &&
+           st->in_window(a.x, x.size_bytes()) && st->in_window(a.x_scales, pre ? x_scales.size_bytes() : 0) &&
+           st->in_window(a.idx, idx.size_bytes()) && st->in_window(a.w, w.size_bytes());
   return from_cuda(launch_dispatch(a, stream), "dispatch launch");
 }
 

@@ -36,7 +36,7 @@ const char* phase_name(uint32_t p) {
     case kPhaseLowLatencyCombineSend: return "low_latency_combine_send";
     case kPhaseCombineForward: return "combine (forwarding a node's partial sums)";
     case kPhaseAllReduceWait: return "all_reduce (waiting for a peer's values)";
-    case kPhaseCombineRelease: return "combine (waiting for a rank to finish reading this rank's expert outputs)";
+    case kPhaseOperandsRelease: return "dispatch or combine (waiting for a rank to finish reading this rank's operands in place)";
     default: return "unknown";
   }
 }

@@ -32,7 +32,7 @@ enum Phase : uint32_t {
   kPhaseLowLatencyCombineSend = 7,
   kPhaseCombineForward = 8,
   kPhaseAllReduceWait = 9,
-  kPhaseCombineRelease = 10,
+  kPhaseOperandsRelease = 10,
 };
 
 // What a fault record reports.

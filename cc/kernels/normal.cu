@@ -167,6 +167,68 @@ __device__ __forceinline__ void signal_node(const CallCtx& c, uint32_t epoch) {
   signal_range(c, epoch, c.nodes == 1 ? 0 : node_of(c, c.rank) * c.local_size, c.local_size);
 }
 
+// What this rank's call publishes for its receivers (CallRecord), before its signal.
+__device__ __forceinline__ void publish_record(const CallCtx& c, uint32_t epoch, bool pull, const void* p0 = nullptr,
+                                               const void* p1 = nullptr, const void* p2 = nullptr,
+                                               const void* p3 = nullptr) {
+  CallRecord* r = reinterpret_cast<CallRecord*>(c.peers.base[c.rank] + c.off.call_rec) + (epoch & 1u);
+  r->word = (static_cast<uint64_t>(c.sig) << 32) | epoch;
+  r->pull = pull;
+  r->ptr[0] = reinterpret_cast<uint64_t>(p0);
+  r->ptr[1] = reinterpret_cast<uint64_t>(p1);
+  r->ptr[2] = reinterpret_cast<uint64_t>(p2);
+  r->ptr[3] = reinterpret_cast<uint64_t>(p3);
+}
+
+// Rank `r`'s record of this call (read after its signal was acquired) and its
+// pointer i in this rank's address space, through the window.
+__device__ __forceinline__ const CallRecord* record_of(const CallCtx& c, int r, uint32_t epoch) {
+  return reinterpret_cast<const CallRecord*>(c.peers.base[r] + c.off.call_rec) + (epoch & 1u);
+}
+template <typename P>
+__device__ __forceinline__ P* through_window(const CallCtx& c, int r, uint64_t p) {
+  return p == 0 ? nullptr : reinterpret_cast<P*>(static_cast<int64_t>(p) + c.win_delta[r]);
+}
+
+// Where source `src`'s rows, FP8 scales, ids and weights of this dispatch are
+// read: its XLA operands in place, when it published them (windows), else its
+// staging. Read after src's signal was acquired.
+__device__ __forceinline__ Stage source_view(const CallCtx& c, const NormalShape& s, int src, uint32_t epoch) {
+  if (c.window) {
+    const auto* rec = reinterpret_cast<const unsigned long long*>(record_of(c, src, epoch));
+    const uint64_t word = __ldcg(rec);
+    if (word != ((static_cast<uint64_t>(c.sig) << 32) | epoch))
+      fail(c, kFaultMismatch, kPhaseDispatchWait, src, static_cast<uint32_t>(word >> 32), c.sig);
+    if (__ldcg(rec + 1) != 0)
+      return {through_window<char>(c, src, __ldcg(rec + 2)), through_window<float>(c, src, __ldcg(rec + 3)),
+              through_window<int32_t>(c, src, __ldcg(rec + 4)), through_window<float>(c, src, __ldcg(rec + 5))};
+  }
+  return stage_of(c, s, src, epoch);
+}
+
+// The last block of a call's last kernel closes the call. With windows it first
+// tells every rank that this rank has read all it needed of theirs; a rank whose
+// XLA operands were read in place (`published`) then waits until every rank has
+// said so, since XLA may reuse that memory once the call is over.
+__device__ __forceinline__ void close_call_released(const CallCtx& c, uint32_t* counter, uint32_t epoch,
+                                                    int32_t* epoch_out, bool published) {
+  const bool last = c.window ? last_block_done<true>(counter) : last_block_done<false>(counter);
+  if (!last) return;
+  if (c.window) {
+    const uint64_t word = (static_cast<uint64_t>(c.sig) << 32) | epoch;
+    for (int r = threadIdx.x; r < c.nranks; r += blockDim.x)
+      st_release_sys64(reinterpret_cast<uint64_t*>(c.peers.base[r] + c.off.done_inbox) + c.rank, word);
+    if (published) {
+      const uint64_t* done = reinterpret_cast<const uint64_t*>(c.peers.base[c.rank] + c.off.done_inbox);
+      wait_each(c, [&](int r) { wait_word(c, kPhaseOperandsRelease, r, epoch, done + r); });
+    }
+  }
+  if (threadIdx.x == 0) {
+    c.control[kCtlEpoch] = epoch;
+    *epoch_out = static_cast<int32_t>(epoch);
+  }
+}
+
 // The address of this rank's `p` in rank `pe`'s buffer (the same offset).
 template <typename P>
 __device__ __forceinline__ P* at_rank(const CallCtx& c, P* p, int pe) {
@@ -264,7 +326,10 @@ __device__ __forceinline__ void finish_stage(const CallCtx& c, const NormalShape
         if (n != me) signal_pe(c, flag, word, peer_on_node(c, c.rank, n));
     }
   }
-  if (threadIdx.x == 0) signal_node(c, epoch);
+  if (threadIdx.x == 0) {
+    if (c.window) publish_record(c, epoch, false);
+    signal_node(c, epoch);
+  }
 }
 
 // ------------------------------------------------------------------ stage
@@ -276,6 +341,13 @@ __global__ void __launch_bounds__(kThreads) stage_kernel(DispatchArgs a, bool co
   const CallCtx& c = a.c;
   const NormalShape& s = a.s;
   const uint32_t epoch = current_epoch(c);
+  if (a.pull) {  // the receivers read the operands where they are (one block)
+    if (threadIdx.x == 0) {
+      publish_record(c, epoch, true, a.x, a.x_scales, a.idx, a.w);
+      signal_node(c, epoch);
+    }
+    return;
+  }
   const Stage st = stage_of(c, s, c.rank, epoch);
   const int units = s.H / kUnit;
   const int lane = lane_id();
@@ -363,7 +435,7 @@ __global__ void __launch_bounds__(kThreads) route_kernel(DispatchArgs a) {
     const int src = work / nch, ch = work % nch;
     if (src != c.rank && threadIdx.x == 0) wait_source(c, kPhaseDispatchWait, src, epoch);
     __syncthreads();
-    const int32_t* idx = src == c.rank ? a.idx : stage_of(c, s, src, epoch).idx;
+    const int32_t* idx = src == c.rank ? a.idx : source_view(c, s, src, epoch).idx;
     const int t = ch * kRouteChunk + threadIdx.x;
     const bool valid = t < s.T;
     int ids[kMaxTopK];
@@ -513,10 +585,13 @@ template <bool kTokens, int kOut, typename TOut, int UB>
 __global__ void __launch_bounds__(kThreads) expand_kernel(DispatchArgs a) {
   extern __shared__ int base[];
   __shared__ int warp_sums[kWarps];
+  __shared__ Stage views[kMaxRanks];  // each source's rows (source_view)
   const CallCtx& c = a.c;
   const NormalShape& s = a.s;
   const uint32_t epoch = current_epoch(c);
   const int R = c.nranks, nch = (s.T + kRouteChunk - 1) / kRouteChunk;
+  // (the route kernel before this one has waited for every source)
+  for (int r = threadIdx.x; r < R; r += blockDim.x) views[r] = source_view(c, s, r, epoch);
   const int n = kTokens ? R * nch : s.El * R * nch;
   const int32_t* route_cnt = reinterpret_cast<const int32_t*>(c.peers.base[c.rank] + c.off.route_cnt);
   const int32_t* route_rank = reinterpret_cast<const int32_t*>(c.peers.base[c.rank] + c.off.route_rank);
@@ -556,7 +631,7 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(DispatchArgs a) {
     const uint32_t valid = __ballot_sync(0xffffffffu, pos >= 0);
     if (!valid) continue;
     const bool local_src = src == c.rank;
-    const Stage st = stage_of(c, s, src, epoch);
+    const Stage& st = views[src];
     const char* row;
     const float* scales = nullptr;
     if (kOut == kOutSame && local_src) {
@@ -601,7 +676,7 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(DispatchArgs a) {
     copy_row<kOut, TOut, UB>(row, scales, dst, a);
   }
   zero_tail<kOut, TOut, UB>(a, used, kTokens);
-  close_call(c, c.control + kCtlDoneExpand, epoch, a.epoch_out);
+  close_call_released(c, c.control + kCtlDoneExpand, epoch, a.epoch_out, a.pull);
 }
 
 // ------------------------------------------------------------------ combine
@@ -640,29 +715,6 @@ __device__ __forceinline__ PartialDst<T> partial_dst(const CallCtx& c, const Nor
   return {reinterpret_cast<T*>(h + c.off.comb_fwd) + q * s.H,
           reinterpret_cast<float*>(h + c.off.vals_fwd) + q * ks,
           reinterpret_cast<uint32_t*>(h + c.off.fwd_tag) + q};
-}
-
-// What this rank's call publishes for its receivers (CallRecord), before its signal.
-__device__ __forceinline__ void publish_record(const CallCtx& c, uint32_t epoch, bool pull, const void* p0 = nullptr,
-                                               const void* p1 = nullptr, const void* p2 = nullptr,
-                                               const void* p3 = nullptr) {
-  CallRecord* r = reinterpret_cast<CallRecord*>(c.peers.base[c.rank] + c.off.call_rec) + (epoch & 1u);
-  r->word = (static_cast<uint64_t>(c.sig) << 32) | epoch;
-  r->pull = pull;
-  r->ptr[0] = reinterpret_cast<uint64_t>(p0);
-  r->ptr[1] = reinterpret_cast<uint64_t>(p1);
-  r->ptr[2] = reinterpret_cast<uint64_t>(p2);
-  r->ptr[3] = reinterpret_cast<uint64_t>(p3);
-}
-
-// Rank `r`'s record of this call (read after its signal was acquired) and its
-// pointer i in this rank's address space, through the window.
-__device__ __forceinline__ const CallRecord* record_of(const CallCtx& c, int r, uint32_t epoch) {
-  return reinterpret_cast<const CallRecord*>(c.peers.base[r] + c.off.call_rec) + (epoch & 1u);
-}
-template <typename P>
-__device__ __forceinline__ P* through_window(const CallCtx& c, int r, uint64_t p) {
-  return p == 0 ? nullptr : reinterpret_cast<P*>(static_cast<int64_t>(p) + c.win_delta[r]);
 }
 
 // Units a lane carries at once in combine: enough loads in flight to cover
@@ -1019,22 +1071,7 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineArgs a) {
       a.slot_vals[t * s.K + lane] = v;
     }
   }
-  const bool last = c.window ? last_block_done<true>(c.control + kCtlDoneRecv)
-                             : last_block_done<false>(c.control + kCtlDoneRecv);
-  if (!last) return;
-  if (c.window) {  // this rank has read every rank's rows; a rank that published waits for all
-    const uint64_t word = (static_cast<uint64_t>(c.sig) << 32) | epoch;
-    for (int r = threadIdx.x; r < R; r += blockDim.x)
-      st_release_sys64(reinterpret_cast<uint64_t*>(c.peers.base[r] + c.off.done_inbox) + c.rank, word);
-    if (a.pull) {
-      const uint64_t* done = reinterpret_cast<const uint64_t*>(c.peers.base[c.rank] + c.off.done_inbox);
-      wait_each(c, [&](int r) { wait_word(c, kPhaseCombineRelease, r, epoch, done + r); });
-    }
-  }
-  if (threadIdx.x == 0) {
-    c.control[kCtlEpoch] = epoch;
-    *a.epoch_out = static_cast<int32_t>(epoch);
-  }
+  close_call_released(c, c.control + kCtlDoneRecv, epoch, a.epoch_out, a.pull);
 }
 
 // ------------------------------------------------------------------ redispatch
@@ -1177,7 +1214,7 @@ cudaError_t dispatch_typed(const DispatchArgs& a, cudaStream_t stream) {
   const bool tokens = a.s.tokens_layout != 0;
   if (R > 1 || (fp8 && a.x_scales == nullptr)) {  // one rank reads FP8 input in place
     auto k = fp8 ? stage_kernel<T, true> : stage_kernel<T, false>;
-    JAX_EP_RETURN_IF_ERROR(launch(k, copy_grid(k, 0, R, grid), 0, stream, a, R > 1));
+    JAX_EP_RETURN_IF_ERROR(launch(k, a.pull ? 1 : copy_grid(k, 0, R, grid), 0, stream, a, R > 1));
   }
   if (tokens) JAX_EP_RETURN_IF_ERROR(cudaMemsetAsync(a.group_sizes, 0, a.s.El * sizeof(int32_t), stream));
   const int nch = (a.s.T + kRouteChunk - 1) / kRouteChunk;

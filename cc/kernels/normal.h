@@ -9,6 +9,9 @@
 //   expand  prefix-sum the block counts into final row offsets, pull every
 //           row once from s's staging and write it to each of its local
 //           expert rows (the XLA output), zero the padding, close the call.
+// With windows (DispatchArgs::pull) `stage` copies nothing: it publishes where
+// x, its scales, ids and weights are, the receivers read them in place, and s
+// holds its call open until every rank has read them (the same for combine).
 // Combine mirrors it: `send` reduces each (token, source) over local experts
 // and pushes the partial into the source's buffer, then signals; `recv`
 // waits for every rank and sums the partials in rank order. With windows
@@ -62,6 +65,10 @@ struct DispatchArgs {
   int32_t* src_rows;
   int32_t* num_rows;
   int32_t* epoch_out;
+  // The receivers read x (and x_scales), idx and w here, through their windows,
+  // instead of this rank staging copies (CallCtx::window, every one of them in
+  // this rank's window, and no quantization in the call).
+  bool pull;
 };
 
 struct CombineArgs {
