@@ -192,6 +192,35 @@ def normal_bytes(direction: str, tokens: int, hidden: int, rows_out, rows_tok, d
     return roof, roof + 2.0 * rows_tok * hidden * b
 
 
+def design_bytes(direction: str, tokens: int, hidden: int, rows_out, rows_tok, dtype: str = "bf16", *,
+                 ranks: int, windows: bool):
+    """Bytes per rank that the cuda kernels themselves move through HBM, float64 [R].
+
+    With windows (receivers read the senders' XLA buffers in place) a dispatch
+    without quantization reads every transferred row where it is and writes its
+    output rows: rows_tok*H*b + rows_out*H*b; the combine reads the expert rows and
+    writes y (the roofline). Otherwise each side copies through the Buffer: the
+    dispatch stages its input (read T*H*b_in, write T*H*b; FP8 quantized here), the
+    combine pushes one partial per (token, rank) that the source reads back
+    (2*rows_tok*H*2 more). One rank reads its input in place (FP8 quantization
+    still stages).
+    """
+    rows_out = np.asarray(rows_out, np.float64)
+    rows_tok = np.asarray(rows_tok, np.float64)
+    if direction == "combine":
+        roof = rows_out * hidden * 2.0 + tokens * hidden * 2.0
+        return roof if windows or ranks == 1 else roof + 2.0 * rows_tok * hidden * 2.0
+    b = wire_bytes(dtype)
+    b_in = b if dtype == "fp8in" else 2.0
+    quantizes = dtype == "fp8"
+    if ranks == 1:
+        stage = tokens * hidden * (b_in + b) + tokens * hidden * b if quantizes else tokens * hidden * b_in
+        return stage + rows_out * hidden * b
+    if windows and not quantizes:
+        return rows_tok * hidden * b + rows_out * hidden * b
+    return tokens * hidden * (b_in + b) + rows_tok * hidden * b + rows_out * hidden * b
+
+
 def ll_message_bytes(hidden: int, fp8: bool) -> int:
     """One low-latency message: FP8 data + scales + 16 bytes, or BF16 data."""
     return hidden + hidden // FP8_BLOCK * 4 + 16 if fp8 else 2 * hidden
@@ -946,13 +975,14 @@ ROW_FIELDS = (
     "vs_xla", "vs_sort", "deepep_us", "deepep_gbps", "vs_deepep", "check", "note",
     "x_copy", "copy_us", "bytes_per_rank", "link_us", "x_link", "zero_padding",
     "nodes", "rdma_bytes", "rdma_min_bytes", "nvlink_bytes", "rdma_gbps", "nvlink_gbps",
+    "windows", "design_bytes", "design_us", "x_design",
 )
 
 COLUMNS = [
     ("workload", "workload"), ("backend", "backend"), ("EP", "ranks"), ("procs", "procs"),
     ("SMs", "sms"), ("µs med [p10-p90]", "_us"), ("µs wall", "_wall"), ("GB/s", "_gbps"),
-    ("x roof", "_roof"), ("x stage", "_stage"), ("x link", "_link"), ("vs xla", "_xla"),
-    ("vs sort", "_sort"), ("DeepEP µs / GB/s", "_deepep"), ("RDMA / NVLink GB/s", "_domains"),
+    ("x roof", "_roof"), ("x stage", "_stage"), ("x design", "_design"), ("x link", "_link"),
+    ("vs xla", "_xla"), ("vs sort", "_sort"), ("DeepEP µs / GB/s", "_deepep"), ("RDMA / NVLink GB/s", "_domains"),
     ("x copy", "_copy"), ("check", "check"),
 ]
 LL_COLUMNS = [
@@ -985,6 +1015,7 @@ def _cells(row: dict) -> dict:
         c["_gbps"] = _f(row.get("gbps"), "{:.1f}")
         c["_roof"] = _ratio(row.get("x_roofline"))
         c["_stage"] = _ratio(row.get("x_staging"))
+        c["_design"] = _ratio(row.get("x_design"))
         c["_link"] = _ratio(row.get("x_link"))
         c["_xla"] = _ratio(row.get("vs_xla"))
         c["_sort"] = _ratio(row.get("vs_sort"))
@@ -1190,8 +1221,10 @@ class Run:
         if row.get("us") is not None:
             sms = f" sms={row['sms']}" if row.get("sms") else ""
             gbps = f" {row['gbps']:.1f} GB/s" if row.get("gbps") else ""
+            own = (f" design {row['design_bytes'] / 1e6:,.0f} MB x{row['x_design']:.2f}"
+                   f"{' (windows)' if row.get('windows') else ''}") if row.get("x_design") else ""
             self.say(f"  {row['workload']} {row['backend']}{sms}: {row['us']:.1f} µs "
-                     f"[{row['us_p10']:.1f}-{row['us_p90']:.1f}]{gbps} check={row.get('check')}")
+                     f"[{row['us_p10']:.1f}-{row['us_p90']:.1f}]{gbps}{own} check={row.get('check')}")
         else:
             self.say(f"  {row['workload']} {row['backend']}: {row.get('note')} {row.get('check') or ''}")
         if self.args.json:
@@ -1316,7 +1349,7 @@ def _bench_buffer(run: "Run", job: Job, *, T: int, H: int, E: int, K: int, low_l
                             num_nodes=num_nodes, name=f"jax_ep_bench_{'ll_' if low_latency else ''}{T}")
     except Exception as e:  # noqa: BLE001
         return None, run.error(what, e)
-    if buf.allocated and buf.num_ranks > 1:
+    if getattr(buf, "allocated", False) and buf.num_ranks > 1:
         from .backends import cuda as cuda_backend
 
         run.say(f"{buf.name}: windows {'on' if cuda_backend.windows_on(buf) else 'off'} "
@@ -1449,6 +1482,11 @@ def _normal_layout(run: Run, job: Job, args, T, layout, C, dtypes, routing: Rout
 
     R, H, E, K = job.R, args.hidden, args.experts, args.top_k
     rows_out = routing.rows_exp if layout == "experts" else routing.rows_tok
+    windows = False
+    if buf is not None and getattr(buf, "allocated", False):
+        from .backends import cuda as cuda_backend
+
+        windows = cuda_backend.windows_on(buf)
 
     # limits of every (direction, dtype)
     lim = {}
@@ -1498,6 +1536,13 @@ def _normal_layout(run: Run, job: Job, args, T, layout, C, dtypes, routing: Rout
                 row["x_copy"] = row["copy_us"] / row["us"]
             row["x_roofline"] = row["roofline_us"] / row["us"]
             row["x_staging"] = row["staging_us"] / row["us"]
+            if row["backend"] == "cuda" and inter is None and not multi_gpu:
+                # the bytes of this design (design_bytes) over the same copy bandwidth
+                own = design_bytes(row["direction"], T, H, rows_out, routing.rows_tok, row["dtype"],
+                                   ranks=R, windows=windows)
+                row.update(windows=windows, design_bytes=busiest_gpu_bytes(own, job.gpu_of_rank),
+                           design_us=limit_seconds(own, job.gpu_of_rank, run.B) * 1e6)
+                row["x_design"] = row["design_us"] / row["us"]
             if row.get("link_us"):
                 row["x_link"] = row["link_us"] / row["us"]
             if row.get("deepep_gbps"):
@@ -1977,8 +2022,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 _MD_NORMAL = ("| workload | backend | EP | procs | SMs | µs median [p10-p90] | GB/s per rank | x roofline | "
-              "x staging | x link | vs xla | vs sort | DeepEP µs / GB/s (ratio) | check |\n"
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+              "x staging | x design | x link | vs xla | vs sort | DeepEP µs / GB/s (ratio) | check |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 _MD_INTERNODE = ("| workload | backend | EP | nodes | procs | SMs | µs median [p10-p90] | GB/s per rank | "
                  "x staging | RDMA / NVLink GB/s | RDMA bytes / least | x copy | vs xla | check |\n"
                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -2006,6 +2051,7 @@ def _md_row(r: dict) -> str:
     return (f'| {r["direction"]} {r["dtype"]} {r["layout"]} T={r["tokens"]} | {r["backend"]} | '
             f'{r["ranks"]} | {r.get("procs", "")} | {r.get("sms") or ""} | {us} | {r["gbps"]:.1f} | '
             f'{fmt(r.get("x_roofline"), "{:.2f}")} | {fmt(r.get("x_staging"), "{:.2f}")} | '
+            f'{fmt(r.get("x_design"), "{:.2f}")}{" (w)" if r.get("windows") else ""} | '
             f'{fmt(r.get("x_link"), "{:.2f}")} | {fmt(r.get("vs_xla"), "{:.2f}")} | '
             f'{fmt(r.get("vs_sort"), "{:.2f}")} | {dee} | '
             f'{r.get("check", "")} |')
