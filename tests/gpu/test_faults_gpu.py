@@ -22,7 +22,10 @@ def _run(scenario: str):
     # wait for each other inside XLA's autotuning, which it shares between the
     # processes of a job; jax_ep's own check is what is tested here.
     xla_flags = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_shard_autotuning=false").strip()
-    env = dict(os.environ, JAX_EP_TIMEOUT_S=str(DEADLINE_S), JAX_PLATFORMS="cuda,cpu", XLA_FLAGS=xla_flags)
+    # This pytest process may hold most of the GPU already (XLA's pool): the two
+    # ranks grow theirs as they go instead of each taking a share at start-up.
+    env = dict(os.environ, JAX_EP_TIMEOUT_S=str(DEADLINE_S), JAX_PLATFORMS="cuda,cpu", XLA_FLAGS=xla_flags,
+               XLA_PYTHON_CLIENT_PREALLOCATE="false")
     cmd = [sys.executable, "-m", "jax_ep.launch", "--nproc", "2", "--share-gpu", "--timeout", "150",
            "--grace", "3", "--", sys.executable, os.path.join(HERE, "faults.py"), scenario]
     t0 = time.time()
