@@ -146,7 +146,11 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer exper
   a.y = y->untyped_data();
   a.slot_vals = slot_vals->element_count() ? slot_vals->typed_data() : nullptr;
   a.epoch_out = epoch->typed_data();
-  a.pull = R > 1 && st->window_on() && st->in_window(a.expert_out, expert_out.size_bytes()) &&
+  // Read in place, a token's expert rows cross to its rank one by one; pushed, they
+  // cross as one partial sum per rank. Between GPUs the experts layout (several rows
+  // per token and rank) pushes; the tokens layout (one) and ranks on one GPU read.
+  a.pull = R > 1 && st->window_on() && (a.s.tokens_layout || a.s.Kr == 1 || st->one_gpu()) &&
+           st->in_window(a.expert_out, expert_out.size_bytes()) &&
            st->in_window(a.weights, weights.size_bytes()) && st->in_window(a.row_vals, row_vals.size_bytes()) &&
            st->in_window(a.src_rows, src_rows.size_bytes());
   return from_cuda(launch_combine(a, stream), "combine launch");

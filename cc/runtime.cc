@@ -101,7 +101,15 @@ const Driver& driver() {
 struct WindowRecord {
   int64_t pid, fd;
   uint64_t base, size;
+  char gpu[16];  // the device's UUID
 };
+
+void gpu_uuid(int device, char (&out)[16]) {
+  cudaDeviceProp p{};
+  std::memset(out, 0, sizeof(out));
+  if (cudaGetDeviceProperties(&p, device) == cudaSuccess) std::memcpy(out, p.uuid.bytes, sizeof(out));
+  else (void)cudaGetLastError();
+}
 
 }  // namespace
 
@@ -249,7 +257,8 @@ std::string BufferState::export_window(uint64_t ptr) {
   win_fd_ = fd;
   win_base_ = base;
   win_size_ = size;
-  const WindowRecord rec{static_cast<int64_t>(getpid()), fd, base, size};
+  WindowRecord rec{static_cast<int64_t>(getpid()), fd, base, size, {}};
+  gpu_uuid(device_, rec.gpu);
   return std::string(reinterpret_cast<const char*>(&rec), sizeof(rec));
 }
 
@@ -262,6 +271,9 @@ bool BufferState::import_windows(const std::vector<std::string>& records, std::s
     return false;
   }
   DeviceGuard guard(device_);
+  char mine[16];
+  gpu_uuid(device_, mine);
+  one_gpu_ = true;
   for (int r = 0; r < nranks_; ++r) {
     if (r == rank_) continue;
     if (r >= static_cast<int>(records.size()) || records[r].size() != sizeof(WindowRecord)) {
@@ -271,6 +283,7 @@ bool BufferState::import_windows(const std::vector<std::string>& records, std::s
     }
     WindowRecord rec;
     std::memcpy(&rec, records[r].data(), sizeof(rec));
+    one_gpu_ = one_gpu_ && std::memcmp(rec.gpu, mine, sizeof(mine)) == 0;
     // The descriptor lives in the other process: take a copy of it.
     const int pidfd = static_cast<int>(syscall(SYS_pidfd_open, static_cast<pid_t>(rec.pid), 0));
     const int fd = pidfd < 0 ? -1 : static_cast<int>(syscall(SYS_pidfd_getfd, pidfd, static_cast<int>(rec.fd), 0));

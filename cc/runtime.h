@@ -50,6 +50,8 @@ class BufferState {
   bool import_windows(const std::vector<std::string>& records, std::string* why);
   void enable_window(bool on);
   bool window_on() const { return window_; }
+  // Every rank of the group runs on this rank's GPU (processes sharing one GPU).
+  bool one_gpu() const { return window_ && one_gpu_; }
   // [p, p + bytes) lies in this rank's exported allocation (null with 0 bytes does).
   bool in_window(const void* p, size_t bytes) const;
 
@@ -93,6 +95,7 @@ class BufferState {
   std::vector<Mapping> win_maps_;  // the peers' allocations mapped here
   std::vector<int64_t> win_delta_;
   bool window_ = false;
+  bool one_gpu_ = false;
   FaultRecord* fault_host_ = nullptr;
   FaultRecord* fault_dev_ = nullptr;
   std::atomic<bool> stop_{false};

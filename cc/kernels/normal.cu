@@ -28,9 +28,6 @@ struct Stage {
 
 // ------------------------------------------------------------------ row copies
 
-__device__ __forceinline__ void prefetch_l2(const void* p) {
-  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
-}
 
 // Copy a row of `units` raw units from src to the rows dst[i] >= 0 (i < kDst) of
 // `out` (kCoherent: src was released by a peer during this kernel).
@@ -645,12 +642,6 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(DispatchArgs a) {
       row = st.x + static_cast<size_t>(t) * s.H;
       scales = st.scales + static_cast<size_t>(t) * (s.H / 128);
     }
-    // FP8 rows in the tokens layout start toward L2 while the token's ids and weights
-    // are read and written (A/B with 8 processes on one H100: FP8 tokens-layout
-    // dispatch 4-5% faster; BF16 rows 4-7% slower and the experts layout unchanged,
-    // so only there).
-    if constexpr (kTokens && kOut != kOutSame)
-      for (int off = lane * 128; off < s.H; off += 32 * 128) prefetch_l2(row + off);
     const int32_t* idx = local_src ? a.idx : st.idx;
     const float* w = local_src ? a.w : st.w;
     if constexpr (kTokens) {
