@@ -227,6 +227,17 @@ class Buffer:
     def allocated(self) -> bool:
         return self._native is not None
 
+    @property
+    def windows(self) -> bool:
+        """Whether this process's ranks read their peers' XLA buffers in place (the
+        normal-mode calls' windows; docs/performance.md), instead of copying through
+        the Buffer. False on one rank, without GPU memory, or with JAX_EP_WINDOWS=0."""
+        if self._native is None or self.num_ranks == 1:
+            return False
+        from .backends import cuda as cuda_backend
+
+        return cuda_backend.windows_on(self)
+
     def check_call(self, *, mode: str, num_experts: int, hidden: int, tokens: int, top_k: int,
                    dtype, fp8: bool = False) -> None:
         """Raise, naming the size needed, when a call does not fit this buffer."""

@@ -147,6 +147,31 @@ def test_byte_formulas_hand_worked():
     assert bench.link_seconds(np.array([[2, 1], [0, 2]]), H, 2.0, 256.0) == pytest.approx(1.0)
 
 
+def test_design_bytes_hand_worked():
+    T, H = 2, 128
+    rows_exp, rows_tok = np.array([3, 3]), np.array([2, 3])
+    b8 = 1 + 4 / 128
+    kw = dict(ranks=2)
+    # windows, BF16: each transferred row read where it is, each output row written
+    got = bench.design_bytes("dispatch", T, H, rows_exp, rows_tok, "bf16", windows=True, **kw)
+    np.testing.assert_allclose(got, [(2 + 3) * 256, (3 + 3) * 256])
+    # copies: the input staged first (read 2 bytes, write the wire's), then the same
+    got = bench.design_bytes("dispatch", T, H, rows_exp, rows_tok, "bf16", windows=False, **kw)
+    np.testing.assert_allclose(got, [2 * 128 * 4 + 5 * 256, 2 * 128 * 4 + 6 * 256])
+    # FP8 quantized in the call stages even with windows; an Fp8Array does not
+    q = bench.design_bytes("dispatch", T, H, rows_exp, rows_tok, "fp8", windows=True, **kw)
+    np.testing.assert_allclose(q, [2 * 128 * (2 + b8) + 5 * 128 * b8, 2 * 128 * (2 + b8) + 6 * 128 * b8])
+    p = bench.design_bytes("dispatch", T, H, rows_exp, rows_tok, "fp8in", windows=True, **kw)
+    np.testing.assert_allclose(p, [5 * 128 * b8, 6 * 128 * b8])
+    # combine: the roofline with windows, plus each partial written and read back without
+    roof, stage = bench.normal_bytes("combine", T, H, rows_exp, rows_tok)
+    np.testing.assert_allclose(bench.design_bytes("combine", T, H, rows_exp, rows_tok, windows=True, **kw), roof)
+    np.testing.assert_allclose(bench.design_bytes("combine", T, H, rows_exp, rows_tok, windows=False, **kw), stage)
+    # one rank reads its input in place: the roofline, unless it quantizes
+    one = bench.design_bytes("dispatch", T, H, [3], [2], "bf16", ranks=1, windows=False)
+    np.testing.assert_allclose(one, bench.normal_bytes("dispatch", T, H, [3], [2], "bf16")[0])
+
+
 def test_formulas_match_the_published_anchors():
     # EP1, 4096 tokens, hidden 7168, top-8, BF16: ~0.53 GB each way, ~179 µs at 2.96 TB/s.
     T, H, K = 4096, 7168, 8
