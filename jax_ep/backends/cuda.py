@@ -169,7 +169,7 @@ def create_buffer(buf) -> Optional[NativeBuffer]:
                 handles[r] = handle
         for d in local:
             _ext.connect(buf.buffer_id, d.local_hardware_id, handles, local_devs)
-        if len(local) == 1 and len(ranks) > 1 and buf.num_nodes == 1 and _windows_wanted():
+        if len(local) == 1 and len(ranks) > 1 and buf.num_nodes == 1:
             _open_windows(buf, kv, local[0], ranks.index(local[0]), len(ranks))
     return NativeBuffer(buf.buffer_id, mine, (lambda: [b() for b in barriers]) if barriers else None)
 
@@ -188,12 +188,16 @@ def _open_windows(buf, kv, dev, rank: int, size: int) -> None:
     instead of copying them into the receivers' buffers first. Any failure on
     any rank leaves the group on the copying path, which is always correct.
     """
-    ptr = jax.device_put(np.zeros(16, np.uint8), dev).unsafe_buffer_pointer()
-    rec = _ext.export_window(buf.buffer_id, dev.local_hardware_id, ptr)
+    # Every rank takes part, also one that does not want windows (JAX_EP_WINDOWS=0
+    # there): it publishes none, and the group copies.
+    rec = b""
+    if _windows_wanted():
+        ptr = jax.device_put(np.zeros(16, np.uint8), dev).unsafe_buffer_pointer()
+        rec = _ext.export_window(buf.buffer_id, dev.local_hardware_id, ptr)
     kv.set(f"window/{rank}", rec or b"-")
     recs = [kv.get(f"window/{r}") for r in range(size)]
     if b"-" in recs:
-        ok, why = False, f"rank {recs.index(b'-')} cannot share its XLA memory"
+        ok, why = False, f"rank {recs.index(b'-')} cannot share its XLA memory (or has JAX_EP_WINDOWS=0)"
     else:
         ok, why = _ext.import_windows(buf.buffer_id, dev.local_hardware_id, recs)
     kv.set(f"window_ok/{rank}", b"1" if ok else b"0")
