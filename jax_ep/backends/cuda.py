@@ -188,24 +188,38 @@ def _open_windows(buf, kv, dev, rank: int, size: int) -> None:
     instead of copying them into the receivers' buffers first. Any failure on
     any rank leaves the group on the copying path, which is always correct.
     """
-    # Every rank takes part, also one that does not want windows (JAX_EP_WINDOWS=0
-    # there): it publishes none, and the group copies.
-    rec = b""
-    if _windows_wanted():
+    def export() -> bytes:
         ptr = jax.device_put(np.zeros(16, np.uint8), dev).unsafe_buffer_pointer()
-        rec = _ext.export_window(buf.buffer_id, dev.local_hardware_id, ptr)
+        return _ext.export_window(buf.buffer_id, dev.local_hardware_id, ptr)
+
+    on, why = exchange_windows(kv, rank, size, export if _windows_wanted() else None,
+                               lambda recs: _ext.import_windows(buf.buffer_id, dev.local_hardware_id, recs))
+    _ext.enable_window(buf.buffer_id, dev.local_hardware_id, on)
+    if not on and os.environ.get("JAX_EP_DEBUG", "0") not in ("", "0"):
+        print(f"jax_ep: Buffer {buf.name!r}: no windows ({why}); the calls copy through the Buffer", flush=True)
+
+
+def exchange_windows(kv, rank: int, size: int, export, import_):
+    """The windows' agreement between the `size` ranks of a group: (on, why not).
+
+    Each rank publishes its record (`export()`: bytes, empty when its memory cannot
+    be shared; `export` None: this rank does not want windows), then maps every
+    other rank's (`import_(records)` -> (ok, why)) and publishes whether it could.
+    Windows are on only if every rank mapped every other; every rank takes part in
+    both rounds whatever happens, so none waits for another that gave up.
+    """
+    rec = export() if export is not None else b""
     kv.set(f"window/{rank}", rec or b"-")
     recs = [kv.get(f"window/{r}") for r in range(size)]
     if b"-" in recs:
         ok, why = False, f"rank {recs.index(b'-')} cannot share its XLA memory (or has JAX_EP_WINDOWS=0)"
     else:
-        ok, why = _ext.import_windows(buf.buffer_id, dev.local_hardware_id, recs)
+        ok, why = import_(recs)
     kv.set(f"window_ok/{rank}", b"1" if ok else b"0")
-    on = all(kv.get(f"window_ok/{r}") == b"1" for r in range(size))
-    _ext.enable_window(buf.buffer_id, dev.local_hardware_id, on)
-    if not on and os.environ.get("JAX_EP_DEBUG", "0") not in ("", "0"):
-        print(f"jax_ep: Buffer {buf.name!r}: no windows ({why or 'another rank could not map them'}); "
-              "the calls copy through the Buffer", flush=True)
+    oks = [kv.get(f"window_ok/{r}") == b"1" for r in range(size)]
+    if all(oks):
+        return True, ""
+    return False, why if not ok else f"rank {oks.index(False)} could not map the others' memory"
 
 
 def windows_on(buf) -> bool:
