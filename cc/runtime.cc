@@ -287,9 +287,13 @@ bool BufferState::import_windows(const std::vector<std::string>& records, std::s
     // The descriptor lives in the other process: take a copy of it.
     const int pidfd = static_cast<int>(syscall(SYS_pidfd_open, static_cast<pid_t>(rec.pid), 0));
     const int fd = pidfd < 0 ? -1 : static_cast<int>(syscall(SYS_pidfd_getfd, pidfd, static_cast<int>(rec.fd), 0));
+    const int err = errno;
     if (pidfd >= 0) close(pidfd);
     if (fd < 0) {
-      *why = "pidfd_getfd of rank " + std::to_string(r) + "'s descriptor failed: " + std::strerror(errno);
+      // EPERM: ptrace rights over that process are missing (Yama's ptrace_scope,
+      // a container's seccomp profile).
+      *why = std::string(pidfd < 0 ? "pidfd_open" : "pidfd_getfd") + " of rank " + std::to_string(r) +
+             "'s process failed: " + std::strerror(err);
       drop_windows();
       return false;
     }

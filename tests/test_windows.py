@@ -72,3 +72,40 @@ def test_one_failed_mapping_turns_them_off_everywhere():
     assert [on for on, _ in out] == [False] * 3
     assert out[2][1] == "no pidfd"
     assert "rank 2 could not map" in out[0][1]
+
+
+def test_a_rank_that_raises_still_takes_part():
+    def export_of(r):
+        def f():
+            if r == 0:
+                raise RuntimeError("no VMM here")
+            return b"x"
+        return f
+
+    out = _run(3, export_of, lambda r: (lambda recs: (True, "")))
+    assert [on for on, _ in out] == [False] * 3
+    assert "no VMM here" in out[0][1] and "rank 0" in out[1][1]
+
+    def import_of(r):
+        def f(recs):
+            if r == 1:
+                raise OSError("EPERM")
+            return True, ""
+        return f
+
+    out = _run(3, lambda r: (lambda: b"x"), import_of)
+    assert [on for on, _ in out] == [False] * 3 and "EPERM" in out[1][1]
+
+
+def test_windows_wanted_only_with_a_pool_made_at_start(monkeypatch):
+    for name in ("JAX_EP_WINDOWS", "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_ALLOCATOR"):
+        monkeypatch.delenv(name, raising=False)
+    assert cuda_backend._windows_wanted()
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    assert not cuda_backend._windows_wanted()
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "true")
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_ALLOCATOR", "platform")
+    assert not cuda_backend._windows_wanted()
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_ALLOCATOR")
+    monkeypatch.setenv("JAX_EP_WINDOWS", "0")
+    assert not cuda_backend._windows_wanted()

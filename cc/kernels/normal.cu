@@ -1166,7 +1166,12 @@ __global__ void __launch_bounds__(kThreads) all_reduce_sum_kernel(AllReduceArgs 
 
 template <typename F, typename... Args>
 cudaError_t launch(F kernel, int grid, size_t smem, cudaStream_t stream, const Args&... args) {
-  if (smem > 48 * 1024) {
+  // Past 48 KB of shared memory in all (the kernel's static part included) a
+  // launch must opt in to the dynamic part.
+  cudaFuncAttributes attr{};
+  const size_t static_smem = cudaFuncGetAttributes(&attr, kernel) == cudaSuccess ? attr.sharedSizeBytes : 0;
+  (void)cudaGetLastError();
+  if (smem > 0 && smem + static_smem > 48 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
     if (e != cudaSuccess) return e;

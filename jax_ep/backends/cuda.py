@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from typing import Optional
 
 import jax
@@ -175,7 +176,15 @@ def create_buffer(buf) -> Optional[NativeBuffer]:
 
 
 def _windows_wanted() -> bool:
-    return os.environ.get("JAX_EP_WINDOWS", "1") != "0"
+    """JAX_EP_WINDOWS unset or not 0, and XLA's pool made at start-up: a pool that
+    grows (XLA_PYTHON_CLIENT_PREALLOCATE=false, or the "platform" allocator) may give
+    memory back and take it again at the same addresses, where a peer's mapping
+    would still show the old memory."""
+    if os.environ.get("JAX_EP_WINDOWS", "1") == "0":
+        return False
+    if os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "true").lower() in ("false", "0"):
+        return False
+    return os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "default") in ("default", "bfc")
 
 
 def _open_windows(buf, kv, dev, rank: int, size: int) -> None:
@@ -192,11 +201,13 @@ def _open_windows(buf, kv, dev, rank: int, size: int) -> None:
         ptr = jax.device_put(np.zeros(16, np.uint8), dev).unsafe_buffer_pointer()
         return _ext.export_window(buf.buffer_id, dev.local_hardware_id, ptr)
 
-    on, why = exchange_windows(kv, rank, size, export if _windows_wanted() else None,
+    wanted = _windows_wanted()
+    on, why = exchange_windows(kv, rank, size, export if wanted else None,
                                lambda recs: _ext.import_windows(buf.buffer_id, dev.local_hardware_id, recs))
     _ext.enable_window(buf.buffer_id, dev.local_hardware_id, on)
-    if not on and os.environ.get("JAX_EP_DEBUG", "0") not in ("", "0"):
-        print(f"jax_ep: Buffer {buf.name!r}: no windows ({why}); the calls copy through the Buffer", flush=True)
+    if not on and wanted and rank == 0:
+        warnings.warn(f"jax_ep: Buffer {buf.name!r} has no windows ({why}); its normal-mode calls copy "
+                      "through the Buffer (slower; see docs/troubleshooting.md)", stacklevel=3)
 
 
 def exchange_windows(kv, rank: int, size: int, export, import_):
@@ -208,13 +219,25 @@ def exchange_windows(kv, rank: int, size: int, export, import_):
     Windows are on only if every rank mapped every other; every rank takes part in
     both rounds whatever happens, so none waits for another that gave up.
     """
-    rec = export() if export is not None else b""
+    # A rank that fails still takes its part (an empty record, a "no"), so the others
+    # never wait for it.
+    try:
+        rec = export() if export is not None else b""
+    except Exception as e:  # noqa: BLE001
+        rec, err = b"", e
+    else:
+        err = None
     kv.set(f"window/{rank}", rec or b"-")
     recs = [kv.get(f"window/{r}") for r in range(size)]
     if b"-" in recs:
-        ok, why = False, f"rank {recs.index(b'-')} cannot share its XLA memory (or has JAX_EP_WINDOWS=0)"
+        q = recs.index(b"-")
+        ok, why = False, (f"exporting failed: {err}" if q == rank and err is not None else
+                          f"rank {q} cannot share its XLA memory (or has windows off)")
     else:
-        ok, why = import_(recs)
+        try:
+            ok, why = import_(recs)
+        except Exception as e:  # noqa: BLE001
+            ok, why = False, f"mapping failed: {e}"
     kv.set(f"window_ok/{rank}", b"1" if ok else b"0")
     oks = [kv.get(f"window_ok/{r}") == b"1" for r in range(size)]
     if all(oks):
