@@ -1168,9 +1168,12 @@ template <typename F, typename... Args>
 cudaError_t launch(F kernel, int grid, size_t smem, cudaStream_t stream, const Args&... args) {
   // Past 48 KB of shared memory in all (the kernel's static part included) a
   // launch must opt in to the dynamic part.
-  cudaFuncAttributes attr{};
-  const size_t static_smem = cudaFuncGetAttributes(&attr, kernel) == cudaSuccess ? attr.sharedSizeBytes : 0;
-  (void)cudaGetLastError();
+  size_t static_smem = 0;
+  if (smem > 0) {
+    cudaFuncAttributes attr{};
+    if (cudaFuncGetAttributes(&attr, kernel) == cudaSuccess) static_smem = attr.sharedSizeBytes;
+    else (void)cudaGetLastError();
+  }
   if (smem > 0 && smem + static_smem > 48 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
