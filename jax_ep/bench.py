@@ -164,6 +164,12 @@ def wire_bytes(dtype: str) -> float:
     return WIRE_BYTES[dtype]
 
 
+def input_bytes(dtype: str) -> float:
+    """Bytes per element a dispatch reads from its input: FP8's for an `Fp8Array`
+    ("fp8in"), else BF16's (FP8 is quantized inside the call)."""
+    return wire_bytes(dtype) if dtype == "fp8in" else 2.0
+
+
 def logical_gbps(rows_tok: float, hidden: int, seconds: float, dtype: str = "bf16") -> float:
     """DeepEP's per-rank bandwidth: rows_tok * H * 2 / 1e9 / s, FP8 x (1 + 4/128) / 2."""
     gb = rows_tok * hidden * 2 / 1e9
@@ -181,8 +187,7 @@ def normal_bytes(direction: str, tokens: int, hidden: int, rows_out, rows_tok, d
     rows_out = np.asarray(rows_out, np.float64)
     rows_tok = np.asarray(rows_tok, np.float64)
     if direction == "dispatch":
-        b = wire_bytes(dtype)
-        b_in = b if dtype == "fp8in" else 2.0
+        b, b_in = wire_bytes(dtype), input_bytes(dtype)
         roof = tokens * hidden * b_in + rows_out * hidden * b
     elif direction == "combine":
         b = 2.0
@@ -210,8 +215,7 @@ def design_bytes(direction: str, tokens: int, hidden: int, rows_out, rows_tok, d
     if direction == "combine":
         roof = rows_out * hidden * 2.0 + tokens * hidden * 2.0
         return roof if windows or ranks == 1 else roof + 2.0 * rows_tok * hidden * 2.0
-    b = wire_bytes(dtype)
-    b_in = b if dtype == "fp8in" else 2.0
+    b, b_in = wire_bytes(dtype), input_bytes(dtype)
     quantizes = dtype == "fp8"
     if ranks == 1:
         stage = tokens * hidden * (b_in + b) + tokens * hidden * b if quantizes else tokens * hidden * b_in
@@ -1350,9 +1354,7 @@ def _bench_buffer(run: "Run", job: Job, *, T: int, H: int, E: int, K: int, low_l
     except Exception as e:  # noqa: BLE001
         return None, run.error(what, e)
     if getattr(buf, "allocated", False) and buf.num_ranks > 1:
-        from .backends import cuda as cuda_backend
-
-        run.say(f"{buf.name}: windows {'on' if cuda_backend.windows_on(buf) else 'off'} "
+        run.say(f"{buf.name}: windows {'on' if buf.windows else 'off'} "
                 "(receivers read peers' XLA buffers in place)")
     return buf, None
 
@@ -1482,11 +1484,7 @@ def _normal_layout(run: Run, job: Job, args, T, layout, C, dtypes, routing: Rout
 
     R, H, E, K = job.R, args.hidden, args.experts, args.top_k
     rows_out = routing.rows_exp if layout == "experts" else routing.rows_tok
-    windows = False
-    if buf is not None and getattr(buf, "allocated", False):
-        from .backends import cuda as cuda_backend
-
-        windows = cuda_backend.windows_on(buf)
+    windows = bool(getattr(buf, "windows", False))
 
     # limits of every (direction, dtype)
     lim = {}
