@@ -177,29 +177,32 @@ __device__ __forceinline__ void publish_record(const CallCtx& c, uint32_t epoch,
   r->ptr[3] = reinterpret_cast<uint64_t>(p3);
 }
 
-// Rank `r`'s record of this call (read after its signal was acquired) and its
-// pointer i in this rank's address space, through the window.
-__device__ __forceinline__ const CallRecord* record_of(const CallCtx& c, int r, uint32_t epoch) {
-  return reinterpret_cast<const CallRecord*>(c.peers.base[r] + c.off.call_rec) + (epoch & 1u);
-}
-template <typename P>
-__device__ __forceinline__ P* through_window(const CallCtx& c, int r, uint64_t p) {
-  return p == 0 ? nullptr : reinterpret_cast<P*>(static_cast<int64_t>(p) + c.win_delta[r]);
+// Rank `r`'s record of this call, read after its signal was acquired: true when
+// r published its operands in place, with their addresses here (through the
+// window) in p; a record of another call is a MISMATCH naming `phase`.
+__device__ __forceinline__ bool published_operands(const CallCtx& c, int r, uint32_t epoch, uint32_t phase,
+                                                   char* (&p)[4]) {
+  const auto* rec = reinterpret_cast<const unsigned long long*>(
+      reinterpret_cast<const CallRecord*>(c.peers.base[r] + c.off.call_rec) + (epoch & 1u));
+  const uint64_t word = __ldcg(rec);
+  if (word != ((static_cast<uint64_t>(c.sig) << 32) | epoch))
+    fail(c, kFaultMismatch, phase, r, static_cast<uint32_t>(word >> 32), c.sig);
+  if (__ldcg(rec + 1) == 0) return false;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint64_t a = __ldcg(rec + 2 + i);
+    p[i] = a == 0 ? nullptr : reinterpret_cast<char*>(static_cast<int64_t>(a) + c.win_delta[r]);
+  }
+  return true;
 }
 
 // Where source `src`'s rows, FP8 scales, ids and weights of this dispatch are
 // read: its XLA operands in place, when it published them (windows), else its
 // staging. Read after src's signal was acquired.
 __device__ __forceinline__ Stage source_view(const CallCtx& c, const NormalShape& s, int src, uint32_t epoch) {
-  if (c.window) {
-    const auto* rec = reinterpret_cast<const unsigned long long*>(record_of(c, src, epoch));
-    const uint64_t word = __ldcg(rec);
-    if (word != ((static_cast<uint64_t>(c.sig) << 32) | epoch))
-      fail(c, kFaultMismatch, kPhaseDispatchWait, src, static_cast<uint32_t>(word >> 32), c.sig);
-    if (__ldcg(rec + 1) != 0)
-      return {through_window<char>(c, src, __ldcg(rec + 2)), through_window<float>(c, src, __ldcg(rec + 3)),
-              through_window<int32_t>(c, src, __ldcg(rec + 4)), through_window<float>(c, src, __ldcg(rec + 5))};
-  }
+  char* p[4];
+  if (c.window && published_operands(c, src, epoch, kPhaseDispatchWait, p))
+    return {p[0], reinterpret_cast<float*>(p[1]), reinterpret_cast<int32_t*>(p[2]), reinterpret_cast<float*>(p[3])};
   return stage_of(c, s, src, epoch);
 }
 
@@ -903,19 +906,15 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineArgs a) {
         after_remote_signal(c, w);
       }
     }
-    src_eo[r] = nullptr;
-    if (c.window) {
-      const auto* rec = reinterpret_cast<const unsigned long long*>(record_of(c, r, epoch));
-      const uint64_t word = __ldcg(rec);
-      if (word != ((static_cast<uint64_t>(c.sig) << 32) | epoch))
-        fail(c, kFaultMismatch, kPhaseCombineWait, r, static_cast<uint32_t>(word >> 32), c.sig);
-      if (__ldcg(rec + 1) != 0) {
-        src_eo[r] = through_window<const char>(c, r, __ldcg(rec + 2));
-        src_w[r] = through_window<const float>(c, r, __ldcg(rec + 3));
-        src_vals[r] = through_window<const float>(c, r, __ldcg(rec + 4));
-        src_map[r] = through_window<const int32_t>(c, r, __ldcg(rec + 5));
-        any_pull = 1;
-      }
+    char* p[4];  // as combine_send_kernel publishes them
+    if (c.window && published_operands(c, r, epoch, kPhaseCombineWait, p)) {
+      src_eo[r] = p[0];
+      src_w[r] = reinterpret_cast<const float*>(p[1]);
+      src_vals[r] = reinterpret_cast<const float*>(p[2]);
+      src_map[r] = reinterpret_cast<const int32_t*>(p[3]);
+      any_pull = 1;
+    } else {
+      src_eo[r] = nullptr;
     }
   }
   __syncthreads();
