@@ -555,29 +555,36 @@ def load_trace_events(logdir: str) -> List[dict]:
     return data["traceEvents"] if isinstance(data, dict) else data
 
 
-def trace_spans(events: Sequence[dict], calls: Optional[int] = None, *, gap_us: float = TRACE_GAP_US,
-                every: int = 1) -> List[float]:
-    """Spans in µs of the clusters of GPU work in a profiler trace.
+def _gpu_events(events: Sequence[dict]) -> List[Tuple[float, float, str]]:
+    """(start, end, name) of the complete ("X") events of every process whose name
+    has "GPU" in it (one per device), sorted by start."""
+    names = {e.get("pid"): str(e.get("args", {}).get("name", "")) for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    gpu = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)), str(e.get("name", "")))
+                 for e in events if e.get("ph") == "X" and "GPU" in names.get(e.get("pid"), ""))
+    if not gpu:
+        raise RuntimeError("the profiler trace has no GPU events (the profiler may not see the GPU, "
+                           "e.g. with several processes on one GPU); use --timer loop or wall")
+    return gpu
+
+
+def trace_clusters(events: Sequence[dict], calls: Optional[int] = None, *, gap_us: float = TRACE_GAP_US,
+                   every: int = 1) -> List[Tuple[float, float]]:
+    """(start, end) in µs of the calls' clusters of GPU work in a profiler trace.
 
     GPU events are the complete ("X") events of every process whose name has "GPU"
     in it (one per device: all the devices of the traced process count). Sorted by
     start, they split into clusters wherever the next event starts more than
-    `gap_us` after the latest end so far. A cluster's span is its last end minus its
-    first start. `every` = 2 keeps every second cluster (flush and call in turn: the
-    calls). With `calls` given, there must be `calls * every` clusters: where a call
-    idles longer than `gap_us` inside (a host-bound call), the clusters are joined
-    at the shortest gaps until that many remain (the host waits for each call to
-    finish before it starts the next, so the longest gaps fall between calls).
+    `gap_us` after the latest end so far. `every` = 2 keeps every second cluster
+    (flush and call in turn: the calls). With `calls` given, there must be
+    `calls * every` clusters: where a call idles longer than `gap_us` inside (a
+    host-bound call), the clusters are joined at the shortest gaps until that many
+    remain (the host waits for each call to finish before it starts the next, so
+    the longest gaps fall between calls).
     """
-    names = {e.get("pid"): str(e.get("args", {}).get("name", "")) for e in events
-             if e.get("ph") == "M" and e.get("name") == "process_name"}
-    gpu = sorted(((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0))) for e in events
-                  if e.get("ph") == "X" and "GPU" in names.get(e.get("pid"), "")))
-    if not gpu:
-        raise RuntimeError("the profiler trace has no GPU events (the profiler may not see the GPU, "
-                           "e.g. with several processes on one GPU); use --timer loop or wall")
+    gpu = _gpu_events(events)
     clusters = [[gpu[0][0], gpu[0][1]]]
-    for start, end in gpu[1:]:
+    for start, end, _ in gpu[1:]:
         if start - clusters[-1][1] > gap_us:
             clusters.append([start, end])
         else:
@@ -596,7 +603,41 @@ def trace_spans(events: Sequence[dict], calls: Optional[int] = None, *, gap_us: 
         what = "a flush and a call" if every == 2 else "a call"
         raise RuntimeError(f"the profiler trace has {len(clusters)} clusters of GPU work (idle gaps over "
                            f"{gap_us:g} µs between them), expected {calls * every}: {calls} x {what}")
-    return [end - start for start, end in clusters[every - 1::every]]
+    return [(start, end) for start, end in clusters[every - 1::every]]
+
+
+def trace_spans(events: Sequence[dict], calls: Optional[int] = None, *, gap_us: float = TRACE_GAP_US,
+                every: int = 1) -> List[float]:
+    """Spans in µs (last end minus first start) of the calls' clusters of GPU work
+    (`trace_clusters`)."""
+    return [end - start for start, end in trace_clusters(events, calls, gap_us=gap_us, every=every)]
+
+
+def call_kernels(events: Sequence[dict], clusters: Sequence[Tuple[float, float]]) -> List[Dict[str, Any]]:
+    """What a call's span is made of (`--kernels`): for the GPU events inside each
+    cluster, in order, the median over the calls of each one's start (from the
+    call's start) and duration in µs, and the idle time, the span less the union
+    of the events. Calls whose event names differ from the first call's are left
+    out (`calls` says how many agree)."""
+    gpu = _gpu_events(events)
+    per_call = []
+    for start, end in clusters:
+        inside = [(s, e, n) for s, e, n in gpu if s >= start and e <= end]
+        busy, last = 0.0, start
+        for s, e, _ in inside:
+            busy += max(0.0, e - max(s, last))
+            last = max(last, e)
+        per_call.append((inside, end - start - busy, start))
+    if not per_call:
+        return []
+    names = [n for _, _, n in per_call[0][0]]
+    agree = [c for c in per_call if [n for _, _, n in c[0]] == names]
+    rows = [dict(name=n, start_us=float(np.median([c[0][i][0] - c[2] for c in agree])),
+                 us=float(np.median([c[0][i][1] - c[0][i][0] for c in agree])), calls=len(agree))
+            for i, n in enumerate(names)]
+    rows.append(dict(name="(idle inside the call)", start_us=None,
+                     us=float(np.median([c[1] for c in agree])), calls=len(agree)))
+    return rows
 
 
 class Timer:
@@ -604,13 +645,14 @@ class Timer:
     table's: loop, trace or wall)."""
 
     def __init__(self, job: Job, *, iters: int, warmup: int, reps: int, flush_bytes: int,
-                 progress: Callable[[str], None], kind: str = "loop"):
+                 progress: Callable[[str], None], kind: str = "loop", kernels: bool = False):
         import jax.numpy as jnp
 
         if kind not in TIMERS:
             raise ValueError(f"timer {kind!r}: choose from {', '.join(TIMERS)}")
         self.job = job
         self.kind = kind
+        self.kernels = kernels  # trace timer: print what each call's span is made of
         self.iters, self.warmup, self.reps = iters, warmup, reps
         self.progress = progress
         n = max(128, flush_bytes // 2)
@@ -738,7 +780,14 @@ class Timer:
             if err is not None:
                 raise err
             events = load_trace_events(d)
-        return [us * 1e-6 for us in trace_spans(events, n, every=2 if flush is not None else 1)]
+        every = 2 if flush is not None else 1
+        if self.kernels and self.job.main:
+            rows = call_kernels(events, trace_clusters(events, n, every=every))
+            lines = [f"  {'+' + format(r['start_us'], '.1f') if r['start_us'] is not None else '':>9} "
+                     f"{r['us']:9.1f} µs  {r['name'][:100]}" for r in rows]
+            print(f"kernels of {name} (process {self.job.pid}, median of {rows[-1]['calls'] if rows else 0} "
+                  "calls; start, time):\n" + "\n".join(lines), file=sys.stderr, flush=True)
+        return [us * 1e-6 for us in trace_spans(events, n, every=every)]
 
     def _slowest(self, name: str, samples: List[float]) -> List[float]:
         parts = self.job.kv.gather(name, samples)
@@ -1183,7 +1232,7 @@ class Run:
         flush_mb = args.flush_mb if args.flush_mb is not None else (100 if job.platform == "gpu" else 8)
         self.timer = Timer(job, iters=args.iters, warmup=args.warmup, reps=args.reps,
                            flush_bytes=int(flush_mb * 2 ** 20), progress=self.say,
-                           kind=args.timer)
+                           kind=args.timer, kernels=args.kernels)
         copy_mb = args.copy_mb if args.copy_mb is not None else (512 if job.platform == "gpu" else 32)
         self.say(f"copy bandwidth: {copy_mb} MB copy on {job.devices[0]}")
         self.copy = measure_copy(job, self.timer, int(copy_mb * 2 ** 20), args.copy_gbps)
@@ -1975,6 +2024,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="loop: device-side loop timer (µs) and wall clock (µs wall); trace: the "
                             "span of each call's GPU work in a profiler trace (µs) and wall clock; "
                             "wall: the wall clock only (no loop programs to compile)")
+        s.add_argument("--kernels", action="store_true",
+                       help="with --timer trace: print each measurement's GPU kernels (start in the call, "
+                            "time; medians) and the idle time inside the call")
         s.add_argument("--copy-mb", dest="copy_mb", type=float, default=None,
                        help="size of the copy that measures B (default 512 on GPU, 32 elsewhere)")
         s.add_argument("--flush-mb", dest="flush_mb", type=float, default=None,

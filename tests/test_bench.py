@@ -519,3 +519,20 @@ def test_bad_arguments_exit_with_a_message():
         bench.main(["normal", "--layout", "rows"])
     with pytest.raises(SystemExit):
         bench.main(["normal", "--iters", "0"])
+
+
+def test_call_kernels_breaks_a_span_down():
+    events = [_meta(1, "/device:GPU:0")]
+    for c in range(3):  # a memset, then two kernels with a 4 µs gap, 5 ms apart
+        t = 1000.0 + 5000.0 * c
+        events += [_ev(1, t, 2.0, "memset"), _ev(1, t + 2.0, 15.0 + c, "route"), _ev(1, t + 21.0, 11.0, "expand")]
+    clusters = bench.trace_clusters(events, 3)
+    assert [e - s for s, e in clusters] == pytest.approx(bench.trace_spans(events, 3))
+    rows = bench.call_kernels(events, clusters)
+    assert [r["name"] for r in rows] == ["memset", "route", "expand", "(idle inside the call)"]
+    assert rows[1]["us"] == pytest.approx(16.0) and rows[2]["start_us"] == pytest.approx(21.0)
+    assert rows[-1]["us"] == pytest.approx(32.0 - 2.0 - 16.0 - 11.0) and rows[-1]["calls"] == 3
+    # a call with other kernels is left out of the medians
+    events += [_ev(1, 100_000.0, 5.0, "other")]
+    rows = bench.call_kernels(events, bench.trace_clusters(events, 4))
+    assert rows[-1]["calls"] == 3

@@ -16,6 +16,10 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kHeader = 16;  // {token, i, 0, 0}
 constexpr int kU = 4;        // 16-byte units a lane loads before it stores any
 constexpr int kChunk = 32 * kU;  // units a warp moves per step of the send loop
+// One rank writes every row straight into the output: half the piece per warp,
+// so twice the warps share a token (each warp's work is a chain of dependent
+// steps: routing, quantizing, eight stores per unit).
+constexpr int kLocalU = 2;
 constexpr int kMaxParts = 16;    // most warps sharing one token's row (combine recv) or one expert's rows (dispatch recv)
 
 // Few tokens (or experts) leave most warps idle, and one warp walking a whole row is a chain
@@ -174,11 +178,12 @@ __device__ __forceinline__ int rank_before(const int32_t* topk_idx, int t, int K
 
 // ------------------------------------------------------------ dispatch send
 
-// Units base + 32 j + lane (j < kU) of a row, those below `units`.
-__device__ __forceinline__ void load_piece(RawUnit<16> (&raw)[kU], const char* row, int base, int units) {
+// Units base + 32 j + lane (j < N) of a row, those below `units`.
+template <int N>
+__device__ __forceinline__ void load_piece(RawUnit<16> (&raw)[N], const char* row, int base, int units) {
   const int lane = lane_id();
 #pragma unroll
-  for (int j = 0; j < kU; ++j)
+  for (int j = 0; j < N; ++j)
     if (base + 32 * j + lane < units) raw[j].load(row + static_cast<size_t>(base + 32 * j + lane) * 16);
 }
 
@@ -198,14 +203,15 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(LLDispatchSe
   const int lane = lane_id(), units = s.H / kUnit;
   const size_t row_bytes = s.fp8 ? static_cast<size_t>(s.H) : 2 * static_cast<size_t>(s.H);
   const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(a.x);
-  const int chunks = (units + kChunk - 1) / kChunk;
+  constexpr int kPU = kLocal ? kLocalU : kU, kPiece = 32 * kPU;  // a warp's units per step
+  const int chunks = (units + kPiece - 1) / kPiece;
   const RowSplit split(s.T, chunks);
   const int32_t* ids = stage_ids(a.topk_idx, s.T * s.K);
   for (int t = split.first; t < s.T; t += split.slots) {
     // The first piece of the row is in flight while the token is routed.
     const char* row = reinterpret_cast<const char*>(x + static_cast<size_t>(t) * s.H);
-    RawUnit<16> raw[kU];
-    load_piece(raw, row, split.part * kChunk, units);
+    RawUnit<16> raw[kPU];
+    load_piece(raw, row, split.part * kPiece, units);
     // Lane k finds slot k's row (its expert, -1: none), slot_pos and rank among
     // this rank's tokens of the expert from topk_idx; piece 0 writes the
     // handle's slot_pos (and with kLocal the token's src_rows, -1 where unused).
@@ -224,13 +230,15 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(LLDispatchSe
     // header waits in staging and every payload is written once).
     char* stage = kShmem ? c.peers.base[c.rank] + c.off.ll_send + t * ll_stage_stride(s.H) : nullptr;
     char* dst[kMaxK];
+    int out_row[kMaxK];  // kLocal: dst's row of the output (its scales' row)
 #pragma unroll
     for (int k = 0; k < kMaxK; ++k) {
       char* d = nullptr;
       const int e = __shfl_sync(0xffffffffu, r.row, k), rank = __shfl_sync(0xffffffffu, rank_l, k);
+      out_row[k] = e * s.M + rank;
       if (e >= 0) {
         if constexpr (kLocal) {
-          d = static_cast<char*>(a.out_x) + static_cast<size_t>(e * s.M + rank) * row_bytes;
+          d = static_cast<char*>(a.out_x) + static_cast<size_t>(out_row[k]) * row_bytes;
         } else {
           d = ll_slot(c, s, kShmem ? c.rank : e / s.El, e % s.El, c.rank, rank, epoch);
           const int i = __shfl_sync(0xffffffffu, r.sp, k) % s.Kl;
@@ -241,12 +249,12 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(LLDispatchSe
       dst[k] = d;
     }
     char* payload = kShmem ? stage + kMaxTopK * kHeader : nullptr;
-    // kU units per lane are loaded before any is sent; the loop is warp-uniform
+    // kPU units per lane are loaded before any is sent; the loop is warp-uniform
     // (the FP8 scale is shared by the 16 lanes of a block through shuffles).
-    for (int base = split.part * kChunk; base < units; base += split.parts * kChunk) {
-      if (base != split.part * kChunk) load_piece(raw, row, base, units);
+    for (int base = split.part * kPiece; base < units; base += split.parts * kPiece) {
+      if (base != split.part * kPiece) load_piece(raw, row, base, units);
 #pragma unroll
-      for (int j = 0; j < kU; ++j) {
+      for (int j = 0; j < kPU; ++j) {
         const int u = base + 32 * j + lane;
         const bool active = u < units;
         if (s.fp8) {
@@ -264,8 +272,7 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(LLDispatchSe
               if (dst[k] == nullptr) continue;
               reinterpret_cast<uint2*>(dst[k] + kData)[u] = q;
               if (u % kUnitsPerBlock == 0) {
-                // kLocal: the output row is dst's offset over H (FP8 rows are H bytes)
-                float* sc = kLocal ? a.out_scales + (dst[k] - static_cast<char*>(a.out_x)) / s.H * (s.H / 128)
+                float* sc = kLocal ? a.out_scales + static_cast<size_t>(out_row[k]) * (s.H / 128)
                                    : reinterpret_cast<float*>(dst[k] + kHeader + s.H);
                 sc[u / kUnitsPerBlock] = scale;
               }
