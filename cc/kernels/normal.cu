@@ -872,126 +872,11 @@ __device__ __forceinline__ float round_to(float v) {
   return Num<T>::to_f32(Num<T>::from_f32(v));
 }
 
-// 16 bytes from global memory into this thread's shared memory, asynchronously
-// and through the L2 only (cp.async.cg): the bytes in flight hold no registers.
-__device__ __forceinline__ void cp_async16(int4* smem, const void* gmem) {
-  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-// Every group of this thread but the newest `kPending` is complete and visible to it.
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-}
-
-// The in-place combine's loads go through a ring of kRingStages batches per warp
-// in shared memory (kBatch rows x kU units per lane each): the next batches are
-// in flight while one is added, three times the bytes the registers could hold.
-constexpr int kRingStages = 3, kRingBatch = 4;
-template <typename T>
-constexpr int ring_units() { return combine_units<T>() / 2; }
-template <typename T>
-constexpr size_t ring_bytes() {
-  return static_cast<size_t>(kWarps) * kRingStages * kRingBatch * ring_units<T>() * kUnit * sizeof(T) * 32;
-}
-
-// One token of the in-place combine (warp): its n rows (lane j: the j-th row's
-// rank, row there or -1 for the rank's pushed partial, and weight) added in
-// that order, a rank's rows in float32 rounded to T before they join the sum:
-// the arithmetic of the register loop, with the loads through the warp's ring.
-template <typename T>
-__device__ __forceinline__ void ring_token(const CallCtx& c, const NormalShape& s, int t, uint32_t epoch, int n,
-                                           int e_rank, int e_pos, float e_w, const char* const* src_eo,
-                                           const float* const* src_w, T* y) {
-  constexpr int UB = kUnit * sizeof(T), kU = ring_units<T>(), kQ = UB / 16;
-  constexpr int kStage = kRingBatch * kU * kQ * 32;  // int4 per stage
-  extern __shared__ int4 ring_smem[];
-  int4* ring = ring_smem + static_cast<size_t>(warp_id()) * kRingStages * kStage;
-  const int lane = lane_id(), units = s.H / kUnit;
-  const int nb = (n + kRingBatch - 1) / kRingBatch, chunks = (units + 32 * kU - 1) / (32 * kU);
-  const int total = nb * chunks;  // batches: chunk by chunk, kRingBatch rows each
-  if (n == 0) {  // no row: the sum of nothing
-    float zero[kUnit];
-#pragma unroll
-    for (int e = 0; e < kUnit; ++e) zero[e] = -0.f;
-    for (int u = lane; u < units; u += 32) store_unit(y + u * kUnit, zero);
-    return;
-  }
-  auto issue = [&](int q) {  // warp-uniform
-    if (q < total) {
-      const int base = (q / nb) * 32 * kU, e0 = (q % nb) * kRingBatch;
-      int4* st = ring + (q % kRingStages) * kStage;
-#pragma unroll
-      for (int b = 0; b < kRingBatch; ++b) {
-        const int e = e0 + b;
-        const int er = __shfl_sync(0xffffffffu, e_rank, e & 31), ep = __shfl_sync(0xffffffffu, e_pos, e & 31);
-        if (e >= n) continue;
-        const char* p = ep < 0 ? reinterpret_cast<const char*>(comb_slot<T>(c, s, c.rank, er, t, epoch))
-                               : src_eo[er] + static_cast<size_t>(ep) * units * UB;
-#pragma unroll
-        for (int j = 0; j < kU; ++j) {
-          const int u = base + 32 * j + lane;
-          if (u >= units) continue;
-#pragma unroll
-          for (int x = 0; x < kQ; ++x)
-            cp_async16(st + ((b * kU + j) * kQ + x) * 32 + lane, p + static_cast<size_t>(u) * UB + x * 16);
-        }
-      }
-    }
-    cp_async_commit();  // an empty group past the end keeps the count of pending groups
-  };
-#pragma unroll
-  for (int q = 0; q < kRingStages - 1; ++q) issue(q);
-  float acc[kU][kUnit], part[kU][kUnit];
-  for (int q = 0; q < total; ++q) {
-    issue(q + kRingStages - 1);  // into the stage added last round
-    cp_async_wait<kRingStages - 1>();
-    const int e0 = (q % nb) * kRingBatch, u0 = (q / nb) * 32 * kU + lane;
-    if (e0 == 0) {
-#pragma unroll
-      for (int j = 0; j < kU; ++j)
-#pragma unroll
-        for (int x = 0; x < kUnit; ++x) acc[j][x] = part[j][x] = -0.f;
-    }
-    const int4* st = ring + (q % kRingStages) * kStage;
-#pragma unroll
-    for (int b = 0; b < kRingBatch; ++b) {
-      const int e = e0 + b;
-      const int er = __shfl_sync(0xffffffffu, e_rank, e & 31), ep = __shfl_sync(0xffffffffu, e_pos, e & 31);
-      const float ew = __shfl_sync(0xffffffffu, e_w, e & 31);
-      const int after = __shfl_sync(0xffffffffu, e_rank, (e + 1) & 31);
-      if (e >= n) continue;
-      RawUnit<UB> v[kU];
-#pragma unroll
-      for (int j = 0; j < kU; ++j)
-#pragma unroll
-        for (int x = 0; x < kQ; ++x) v[j].v[x] = st[((b * kU + j) * kQ + x) * 32 + lane];
-      add_units<T>(part, v, u0, units, ep >= 0 && src_w[er] != nullptr, ew);
-      if (e + 1 < n && after == er) continue;
-#pragma unroll
-      for (int j = 0; j < kU; ++j)
-#pragma unroll
-        for (int x = 0; x < kUnit; ++x) {
-          acc[j][x] = __fadd_rn(acc[j][x], round_to<T>(part[j][x]));
-          part[j][x] = -0.f;
-        }
-    }
-    if (e0 + kRingBatch >= n) {  // the chunk's last batch
-#pragma unroll
-      for (int j = 0; j < kU; ++j)
-        if (u0 + 32 * j < units) store_unit(y + (u0 + 32 * j) * kUnit, acc[j]);
-    }
-  }
-  cp_async_wait<0>();  // the empty groups past the end
-}
-
 // Token side: wait for every rank, then add the partials in rank order,
 // loading up to kBatch ranks' partials (kU units each) before adding any.
 // A rank that published its rows in place (windows) has no partial here: its
 // rows of the token are read from its expert_out and summed in its local-expert
-// order first, rounded to T as its pushed partial would be (ring_token: launched
-// with ring_bytes of shared memory when the Buffer has windows). A rank that let
+// order first, rounded to T as its pushed partial would be. A rank that let
 // others read its rows keeps the call open until all of them are done.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineArgs a) {
@@ -1113,7 +998,52 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineArgs a) {
         if (j >= 0 && j < cnt) e_rank = r_f, e_pos = p_f, e_w = w_f;
         n += cnt;
       }
-      ring_token<T>(c, s, t, epoch, n, e_rank, e_pos, e_w, src_eo, src_w, y);
+      for (int base = 0; base < units; base += 32 * kU) {
+        const int u0 = base + lane;
+        float acc[kU][kUnit], part[kU][kUnit];
+#pragma unroll
+        for (int j = 0; j < kU; ++j)
+#pragma unroll
+          for (int e = 0; e < kUnit; ++e) acc[j][e] = part[j][e] = -0.f;
+        for (int e0 = 0; e0 < n; e0 += kBatch) {
+          int er[kBatch], ep[kBatch];
+          float ew[kBatch];
+          RawUnit<UB, true> v[kBatch][kU];
+#pragma unroll
+          for (int b = 0; b < kBatch; ++b) {
+            const int e = e0 + b;
+            er[b] = __shfl_sync(0xffffffffu, e_rank, e & 31);
+            ep[b] = __shfl_sync(0xffffffffu, e_pos, e & 31);
+            ew[b] = __shfl_sync(0xffffffffu, e_w, e & 31);
+            if (e >= n) er[b] = -1;
+            if (er[b] < 0) continue;
+            const char* p = ep[b] < 0 ? reinterpret_cast<const char*>(comb_slot<T>(c, s, c.rank, er[b], t, epoch))
+                                      : src_eo[er[b]] + static_cast<size_t>(ep[b]) * units * UB;
+#pragma unroll
+            for (int j = 0; j < kU; ++j)
+              if (u0 + 32 * j < units) v[b][j].load(p + static_cast<size_t>(u0 + 32 * j) * UB);
+          }
+          const int next = __shfl_sync(0xffffffffu, e_rank, (e0 + kBatch) & 31);
+#pragma unroll
+          for (int b = 0; b < kBatch; ++b) {
+            if (er[b] < 0) continue;
+            add_units<T>(part, v[b], u0, units, ep[b] >= 0 && src_w[er[b]] != nullptr, ew[b]);
+            const int e = e0 + b;
+            const int after = e + 1 >= n ? -1 : (b + 1 < kBatch ? er[b + 1] : next);
+            if (after == er[b]) continue;
+#pragma unroll
+            for (int j = 0; j < kU; ++j)
+#pragma unroll
+              for (int x = 0; x < kUnit; ++x) {
+                acc[j][x] = __fadd_rn(acc[j][x], round_to<T>(part[j][x]));
+                part[j][x] = -0.f;
+              }
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < kU; ++j)
+          if (u0 + 32 * j < units) store_unit(y + (u0 + 32 * j) * kUnit, acc[j]);
+      }
     }
     if (a.slot_vals != nullptr && lane < s.K) {
       const int sp = a.slot_pos[t * s.K + lane];
@@ -1323,8 +1253,7 @@ cudaError_t combine_typed(const CombineArgs& a, cudaStream_t stream) {
   if (a.c.nranks == 1) return launch(combine_send_kernel<T, true>, a.num_sms, 0, stream, a);
   JAX_EP_RETURN_IF_ERROR(launch(combine_send_kernel<T, false>, a.pull ? 1 : a.num_sms, 0, stream, a));
   if (a.c.nodes > 1) JAX_EP_RETURN_IF_ERROR(launch(combine_forward_kernel<T>, a.num_sms, 0, stream, a));
-  // With windows the token side may read ranks' rows in place, through the ring.
-  return launch(combine_recv_kernel<T>, a.num_sms, a.c.window ? ring_bytes<T>() : 0, stream, a);
+  return launch(combine_recv_kernel<T>, a.num_sms, 0, stream, a);
 }
 
 template <int UB>
