@@ -488,7 +488,9 @@ __global__ void __launch_bounds__(kThreads) ll_combine_send_kernel(LLCombineSend
 // ------------------------------------------------------------ combine recv
 
 // kLocal (one rank): slot k of token t is expert_out's row src_rows[t, i].
-template <bool kLocal>
+// kMaxK: the largest K the instance serves; at 8 (the common top-8) a lane
+// adds two units per step, the loads of both in flight before any is added.
+template <bool kLocal, int kMaxK>
 __global__ void __launch_bounds__(kThreads) ll_combine_recv_kernel(LLCombineRecvArgs a) {
   const CallCtx& c = a.c;
   const LowLatencyShape& s = a.s;
@@ -504,20 +506,56 @@ __global__ void __launch_bounds__(kThreads) ll_combine_recv_kernel(LLCombineRecv
     int ref_l = route_token(a.topk_idx + static_cast<size_t>(t) * s.K, s.K, s.E, s.El, s.Kl).sp;
     const float w_l = lane < s.K ? a.weights[t * s.K + lane] : 0.f;
     if (kLocal && ref_l >= 0) ref_l = a.src_rows[t * s.Kl + ref_l % s.Kl];
-    int ref[kMaxTopK];
-    float w[kMaxTopK];
+    int ref[kMaxK];
+    float w[kMaxK];
 #pragma unroll
-    for (int k = 0; k < kMaxTopK; ++k) {
+    for (int k = 0; k < kMaxK; ++k) {
       ref[k] = __shfl_sync(0xffffffffu, ref_l, k);
       w[k] = __shfl_sync(0xffffffffu, w_l, k);
     }
     __nv_bfloat16* y = static_cast<__nv_bfloat16*>(a.y) + static_cast<size_t>(t) * s.H;
+    if constexpr (kMaxK <= 8) {
+      const int4* row[kMaxK];  // slot k's row, null: no slot
+#pragma unroll
+      for (int k = 0; k < kMaxK; ++k)
+        row[k] = ref[k] < 0 ? nullptr
+                            : reinterpret_cast<const int4*>(
+                                  kLocal ? static_cast<const __nv_bfloat16*>(a.expert_out) +
+                                               static_cast<size_t>(ref[k]) * s.H
+                                         : ll_comb_slot(c, s, c.rank, ref[k] / s.Kl, t, ref[k] % s.Kl, epoch));
+      for (int u = u_lo + lane; u < u_hi; u += 64) {
+        const bool two = u + 32 < u_hi;
+        int4 r0[kMaxK], r1[kMaxK];
+#pragma unroll
+        for (int k = 0; k < kMaxK; ++k) {
+          if (row[k] == nullptr) continue;
+          r0[k] = __ldcg(row[k] + u);
+          if (two) r1[k] = __ldcg(row[k] + u + 32);
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          if (h == 1 && !two) break;
+          float acc[kUnit];
+#pragma unroll
+          for (int j = 0; j < kUnit; ++j) acc[j] = -0.f;  // the additive identity
+#pragma unroll
+          for (int k = 0; k < kMaxK; ++k) {  // top-k order
+            if (row[k] == nullptr) continue;
+            float v[kUnit];
+            Vec<__nv_bfloat16>::load(h == 0 ? r0[k] : r1[k], v);
+#pragma unroll
+            for (int j = 0; j < kUnit; ++j) acc[j] = __fadd_rn(acc[j], __fmul_rn(w[k], v[j]));
+          }
+          store_unit(y + (u + 32 * h) * kUnit, acc);
+        }
+      }
+    } else
     for (int u = u_lo + lane; u < u_hi; u += 32) {
       float acc[kUnit];
 #pragma unroll
       for (int j = 0; j < kUnit; ++j) acc[j] = -0.f;  // the additive identity
 #pragma unroll
-      for (int k = 0; k < kMaxTopK; ++k) {  // top-k order
+      for (int k = 0; k < kMaxK; ++k) {  // top-k order
         if (ref[k] < 0) continue;
         float v[kUnit];
         const __nv_bfloat16* slot =
@@ -605,11 +643,13 @@ cudaError_t launch_ll_combine_send(const LLCombineSendArgs& a, cudaStream_t stre
 }
 
 cudaError_t launch_ll_combine_recv(const LLCombineRecvArgs& a, cudaStream_t stream) {
-  return launch(ll_combine_recv_kernel<false>, a.num_sms, stream, a);
+  return launch(a.s.K > 8 ? ll_combine_recv_kernel<false, kMaxTopK> : ll_combine_recv_kernel<false, 8>,
+                a.num_sms, stream, a);
 }
 
 cudaError_t launch_ll_combine_local(const LLCombineRecvArgs& a, cudaStream_t stream) {
-  return launch(ll_combine_recv_kernel<true>, a.num_sms, stream, a);
+  return launch(a.s.K > 8 ? ll_combine_recv_kernel<true, kMaxTopK> : ll_combine_recv_kernel<true, 8>,
+                a.num_sms, stream, a);
 }
 
 }  // namespace jax_ep
