@@ -252,7 +252,10 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(LLDispatchSe
     // kPU units per lane are loaded before any is sent; the loop is warp-uniform
     // (the FP8 scale is shared by the 16 lanes of a block through shuffles).
     for (int base = split.part * kPiece; base < units; base += split.parts * kPiece) {
-      if (base != split.part * kPiece) load_piece(raw, row, base, units);
+      // The warp's next piece of the row is in flight while this one is sent.
+      const int next = base + split.parts * kPiece;
+      RawUnit<16> ahead[kPU];
+      if (next < units) load_piece(ahead, row, next, units);
 #pragma unroll
       for (int j = 0; j < kPU; ++j) {
         const int u = base + 32 * j + lane;
@@ -287,6 +290,10 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(LLDispatchSe
               if (dst[k] != nullptr) raw[j].store(dst[k] + kData + static_cast<size_t>(u) * 16);
           }
         }
+      }
+      if (next < units) {
+#pragma unroll
+        for (int j = 0; j < kPU; ++j) raw[j] = ahead[j];
       }
     }
 #ifdef JAX_EP_WITH_NVSHMEM
