@@ -148,9 +148,10 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer exper
   a.slot_vals = slot_vals->element_count() ? slot_vals->typed_data() : nullptr;
   a.epoch_out = epoch->typed_data();
   // Read in place, a token's expert rows cross to its rank one by one; pushed, they
-  // cross as one partial sum per rank. Between GPUs the experts layout (several rows
-  // per token and rank) pushes; the tokens layout (one) and ranks on one GPU read.
-  a.pull = R > 1 && st->window_on() && (a.s.tokens_layout || a.s.Kr == 1 || st->one_gpu()) &&
+  // cross as one partial sum per rank. Between GPUs a call with several rows per
+  // token and rank (the experts layout, Kr > 1) pushes; one row (Kr == 1, as the
+  // tokens layout always has) and ranks on one GPU read.
+  a.pull = R > 1 && st->window_on() && (a.s.Kr == 1 || st->one_gpu()) &&
            st->in_window(a.expert_out, expert_out.size_bytes()) &&
            st->in_window(a.weights, weights.size_bytes()) && st->in_window(a.row_vals, row_vals.size_bytes()) &&
            st->in_window(a.src_rows, src_rows.size_bytes());

@@ -28,7 +28,6 @@ struct Stage {
 
 // ------------------------------------------------------------------ row copies
 
-
 // Copy a row of `units` raw units from src to the rows dst[i] >= 0 (i < kDst) of
 // `out` (kCoherent: src was released by a peer during this kernel).
 template <int UB, bool kCoherent = false, int kDst = kMaxTopK>
