@@ -40,6 +40,7 @@ jax_ep::Offsets offsets_from(const nb::dict& d) {
   o.ll_recv = get("ll_recv0");
   o.ll_comb = get("ll_comb0");
   o.ll_count = get("ll_count");
+  o.ll_stage = get("ll_stage0");
   o.ll_send = get("ll_send");
   o.ll_comb_send = get("ll_comb_send");
   o.rdma_recv = get("rdma_recv0");

@@ -56,6 +56,7 @@ struct Offsets {
   size_t half_bytes;
   size_t inbox, control, route_rank, route_cnt;  // local
   size_t ll_recv, ll_comb, ll_count;
+  size_t ll_stage;  // half 0: rows that receivers pull (peer pointers; 0 with NVSHMEM)
   size_t ll_send, ll_comb_send;  // local staging of the NVSHMEM transport (0 otherwise)
   // Internode normal mode (0 on one node). Half 0, like the staging:
   //   rdma_recv  per source node m, the rows, ids and weights that the source with this

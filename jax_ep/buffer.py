@@ -82,7 +82,11 @@ class Layout:
             msg = up(H * 2 + 16)
             # combine slots: one BF16 row per (expert rank, token, local slot < min(K, E/R))
             comb = up(R * m * kr * H * 2)
-            half += [("ll_recv", up(el * R * m * msg)), ("ll_comb", comb)]
+            if self.transport == "nvshmem":  # whole messages are put into the owner's slots
+                half += [("ll_recv", up(el * R * m * msg)), ("ll_comb", comb)]
+            else:  # peer pointers: a 16-byte header per slot; each row is pulled from
+                # its sender's staging (one row of 2H bytes per token: FP8 data and scales, or BF16)
+                half += [("ll_recv", up(el * R * m * 16)), ("ll_comb", comb), ("ll_stage", up(m * H * 2))]
             local += [("ll_count", up(2 * el * R * 8))]  # two sets, by the call's parity
             if self.transport == "nvshmem":  # staging that puts read from
                 # per token: 16 headers of 16 bytes (kMaxTopK x kHeader), then the message

@@ -64,6 +64,20 @@ __device__ __forceinline__ uint64_t* ll_count_word(const CallCtx& c, const LowLa
          ((static_cast<size_t>(epoch & 1u) * s.El + el) * c.nranks + src);
 }
 
+// Over peer pointers a message is pulled: the sender writes its row once into
+// its own staging (token t's at ll_stage + t * 2H: FP8 data then scales, or BF16
+// data) and only the 16-byte header {t, i} into slot (el, src, j) of the owner,
+// whose receive reads the row from the sender's staging.
+__device__ __forceinline__ char* ll_head(const CallCtx& c, const LowLatencyShape& s, int owner, int el,
+                                         int src, int j, uint32_t epoch) {
+  return half_base(c, owner, epoch) + c.off.ll_recv +
+         ((static_cast<size_t>(el) * c.nranks + src) * s.M + j) * kHeader;
+}
+__device__ __forceinline__ char* ll_stage_row(const CallCtx& c, const LowLatencyShape& s, int owner, int t,
+                                              uint32_t epoch) {
+  return half_base(c, owner, epoch) + c.off.ll_stage + static_cast<size_t>(t) * 2 * s.H;
+}
+
 // Slot (expert rank r, token t, i) of rank `owner`'s combine half: one BF16 row.
 __device__ __forceinline__ __nv_bfloat16* ll_comb_slot(const CallCtx& c, const LowLatencyShape& s,
                                                        int owner, int r, int t, int i,
@@ -196,6 +210,10 @@ template <bool kShmem, bool kLocal, int kMaxK>
 __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(LLDispatchSendArgs a) {
   static_assert(!(kShmem && kLocal), "the one-rank path moves no message");
   constexpr int kData = kLocal ? 0 : kHeader;  // where a row's data starts at dst[k]
+  // kPull (peer pointers, several ranks): the row goes once into this rank's
+  // staging, dst[k] is the owner's header slot (ll_head).
+  constexpr bool kPull = !kShmem && !kLocal;
+  constexpr bool kOnce = kShmem || kPull;  // one copy of the payload (`payload`), not one per dst[k]
   const CallCtx& c = a.c;
   const LowLatencyShape& s = a.s;
   const uint32_t epoch = current_epoch(c);
@@ -239,6 +257,10 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(LLDispatchSe
       if (e >= 0) {
         if constexpr (kLocal) {
           d = static_cast<char*>(a.out_x) + static_cast<size_t>(out_row[k]) * row_bytes;
+        } else if constexpr (kPull) {
+          d = ll_head(c, s, e / s.El, e % s.El, c.rank, rank, epoch);
+          const int i = __shfl_sync(0xffffffffu, r.sp, k) % s.Kl;
+          if (lane == 0 && split.part == 0) *reinterpret_cast<int4*>(d) = make_int4(t, i, 0, 0);
         } else {
           d = ll_slot(c, s, kShmem ? c.rank : e / s.El, e % s.El, c.rank, rank, epoch);
           const int i = __shfl_sync(0xffffffffu, r.sp, k) % s.Kl;
@@ -248,7 +270,7 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(LLDispatchSe
       }
       dst[k] = d;
     }
-    char* payload = kShmem ? stage + kMaxTopK * kHeader : nullptr;
+    char* payload = kShmem ? stage + kMaxTopK * kHeader : kPull ? ll_stage_row(c, s, c.rank, t, epoch) : nullptr;
     // kPU units per lane are loaded before any is sent; the loop is warp-uniform
     // (the FP8 scale is shared by the 16 lanes of a block through shuffles).
     for (int base = split.part * kPiece; base < units; base += split.parts * kPiece) {
@@ -266,7 +288,7 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(LLDispatchSe
           float scale;
           const uint2 q = quantize_unit<__nv_bfloat16>(v, active, s.round_scale, &scale);
           if (!active) continue;
-          if constexpr (kShmem) {
+          if constexpr (kOnce) {
             reinterpret_cast<uint2*>(payload)[u] = q;
             if (u % kUnitsPerBlock == 0) reinterpret_cast<float*>(payload + s.H)[u / kUnitsPerBlock] = scale;
           } else {
@@ -282,7 +304,7 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(LLDispatchSe
             }
           }
         } else if (active) {
-          if constexpr (kShmem) {
+          if constexpr (kOnce) {
             raw[j].store(payload + static_cast<size_t>(u) * 16);
           } else {
 #pragma unroll
@@ -386,6 +408,11 @@ __device__ __forceinline__ uint32_t wait_count(const CallCtx& c, const LowLatenc
 // block-wide barrier, so a few rows per expert still keep every warp busy. Each
 // warp reads the expert's R count words itself (lane l: sources l and l + 32) and
 // finds a row's source by a ballot over the inclusive prefix sums.
+// kPull (peer pointers): the slot holds the header only and the row is read from
+// the source's staging; the warp's next header is loaded while a row is copied,
+// and a whole FP8 row (kPullU units per lane) is in flight at once.
+constexpr int kPullU = 14;
+template <bool kPull>
 __global__ void __launch_bounds__(kThreads) ll_dispatch_recv_kernel(LLDispatchRecvArgs a) {
   static_assert(kMaxRanks <= 64, "two sources per lane");
   const CallCtx& c = a.c;
@@ -410,13 +437,51 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_recv_kernel(LLDispatchRe
     if (split.part == 0 && lane == 0) a.count[el] = total;
     char* out = static_cast<char*>(a.out_x) + static_cast<size_t>(el) * rows * row_bytes;
     float* scales = s.fp8 ? a.out_scales + static_cast<size_t>(el) * rows * (s.H / 128) : nullptr;
-    for (int p = split.part; p < total; p += split.parts) {  // the rest: zeroed before the launch, or left
-      // the source holding packed row p: the number of sources that end at or before p
+    // The source holding packed row p (the number of sources that end at or
+    // before p) and the row's slot j among that source's rows: warp-uniform p.
+    auto locate = [&](int p, int* j) {
       const int src = __popc(__ballot_sync(0xffffffffu, lane < R && end0 <= p)) +
                       __popc(__ballot_sync(0xffffffffu, lane + 32 < R && end1 <= p));
       const int s0 = __shfl_sync(0xffffffffu, end0 - n0, src & 31);
       const int s1 = __shfl_sync(0xffffffffu, end1 - n1, src & 31);
-      const char* msg = ll_slot(c, s, c.rank, el, src, p - (src < 32 ? s0 : s1), epoch);
+      *j = p - (src < 32 ? s0 : s1);
+      return src;
+    };
+    if constexpr (kPull) {
+      const int nsc = s.fp8 ? s.H / 128 : 0;
+      auto head_of = [&](int p, int* src) {
+        int j;
+        *src = locate(p, &j);
+        return __ldcg(reinterpret_cast<const int4*>(ll_head(c, s, c.rank, el, *src, j, epoch)));
+      };
+      int src = 0;
+      int4 head = split.part < total ? head_of(split.part, &src) : make_int4(-1, -1, 0, 0);
+      for (int p = split.part; p < total; p += split.parts) {  // the rest: zeroed before the launch, or left
+        int src_n = 0;
+        const int4 head_n = p + split.parts < total ? head_of(p + split.parts, &src_n) : make_int4(-1, -1, 0, 0);
+        if (head.x >= 0 && head.x < s.M) {  // never past the source's staging
+          const char* row = ll_stage_row(c, s, src, head.x, epoch);
+          const float* sc = reinterpret_cast<const float*>(row + s.H);
+          const float sc0 = lane < nsc ? __ldcg(sc + lane) : 0.f, sc1 = lane + 32 < nsc ? __ldcg(sc + lane + 32) : 0.f;
+          copy_units<true, kPullU>(out + p * row_bytes, row, static_cast<int>(row_bytes / 16));
+          if (nsc > 0) {
+            float* o = scales + static_cast<size_t>(p) * nsc;
+            if (lane < nsc) o[lane] = sc0;
+            if (lane + 32 < nsc) o[lane + 32] = sc1;
+            for (int j = lane + 64; j < nsc; j += 32) o[j] = __ldcg(sc + j);
+          }
+          if (lane == 0 && head.y >= 0 && head.y < s.Kl)  // never past src_rows
+            a.src_rows[(static_cast<size_t>(src) * s.M + head.x) * s.Kl + head.y] = el * rows + p;
+        }
+        src = src_n;
+        head = head_n;
+      }
+      continue;
+    }
+    for (int p = split.part; p < total; p += split.parts) {  // the rest: zeroed before the launch, or left
+      int j;
+      const int src = locate(p, &j);
+      const char* msg = ll_slot(c, s, c.rank, el, src, j, epoch);
       const int4 head = __ldcg(reinterpret_cast<const int4*>(msg));
       copy_units<true>(out + p * row_bytes, msg + kHeader, static_cast<int>(row_bytes / 16));
       if (scales != nullptr) {
@@ -642,7 +707,8 @@ cudaError_t launch_ll_dispatch_recv(const LLDispatchRecvArgs& a, cudaStream_t st
   if (e == cudaSuccess && a.zero_padding)
     e = zero_rows(a.out_x, a.out_scales, static_cast<size_t>(a.s.El) * a.c.nranks * a.s.M, a.s, stream);
   if (e != cudaSuccess) return e;
-  return launch(ll_dispatch_recv_kernel, a.num_sms, stream, a);
+  return launch(a.c.transport == kTransportNvshmem ? ll_dispatch_recv_kernel<false> : ll_dispatch_recv_kernel<true>,
+                a.num_sms, stream, a);
 }
 
 cudaError_t launch_ll_combine_send(const LLCombineSendArgs& a, cudaStream_t stream) {

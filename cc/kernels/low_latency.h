@@ -1,8 +1,9 @@
 // Low-latency (decode) kernels over peer pointers: launch arguments.
 //
 // Protocol of one call pair on rank s (epoch N = the send's call):
-//   dispatch_send   every kept (token, expert) row becomes a message (header
-//                   {token, i}, FP8 or BF16 data, scales) written straight into
+//   dispatch_send   every token's row (FP8 data and scales, or BF16) is written
+//                   once into s's own staging of half N&1, and every kept
+//                   (token, expert) pair becomes a 16-byte header {token, i} in
 //                   slot (local expert, s, j) of the owner's half N&1, where j
 //                   is the token's rank among s's tokens of that expert. The
 //                   last block then publishes, per expert, the 64-bit word
@@ -10,8 +11,12 @@
 //                   count words of parity N&1 (so back-to-back dispatches
 //                   never overwrite a word not yet read). No SM waits.
 //   dispatch_recv   per local expert: wait for the R count words of epoch N,
-//                   pack the slots in (source rank, token) order into the XLA
-//                   output, record each row in src_rows, close the call.
+//                   read each slot's header and pull its row from the source's
+//                   staging, packed in (source rank, token) order into the XLA
+//                   output, record each row in src_rows, close the call. The
+//                   staging of N&1 is written again at call N+2 at the earliest,
+//                   after every rank's receive of N+1, so after every rank has
+//                   closed N.
 //   combine_send    each packed row goes back unreduced to slot (rank, t, i)
 //                   of its source's half (N+1)&1; then every rank is signalled.
 //   combine_recv    wait for every rank, sum each token's slots in top-k
@@ -27,9 +32,10 @@
 //
 // Transports (CallCtx::transport): peer pointers, where the send kernels store
 // into the owner's memory; or NVSHMEM, where they build each message once in
-// this rank's symmetric staging, put it to every owner PE, wait for their puts
-// (nvshmem_quiet) and publish counts / signals with nvshmemx_signal_op. The
-// receive kernels read their own memory either way.
+// this rank's symmetric staging, put the whole message (header, data, scales)
+// into the owner's slot on every owner PE, wait for their puts (nvshmem_quiet)
+// and publish counts / signals with nvshmemx_signal_op; the receive kernels
+// read their own memory.
 #pragma once
 
 #include <cuda_runtime.h>
