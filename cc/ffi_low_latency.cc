@@ -100,10 +100,15 @@ ffi::Error CombineSendImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi:
   a.expert_out = expert_out.typed_data();
   a.src_rows = src_rows.typed_data();
   a.epoch_out = epoch->typed_data();
+  // The sources read the rows in place where every rank maps every other's XLA
+  // memory (the receive keeps both operands alive until all have read them).
+  a.pull = a.c.transport == kTransportPeer && st->window_on() &&
+           st->in_window(a.expert_out, expert_out.size_bytes()) && st->in_window(a.src_rows, src_rows.size_bytes());
   return from_cuda(launch_ll_combine_send(a, stream), "low-latency combine send");
 }
 
 ffi::Error CombineRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::S32> epoch_in,
+                           ffi::Buffer<ffi::BF16> expert_out, ffi::Buffer<ffi::S32> src_rows,
                            ffi::Buffer<ffi::S32> topk_idx, ffi::Buffer<ffi::F32> weights,
                            ffi::Result<ffi::Buffer<ffi::BF16>> y,
                            ffi::Result<ffi::Buffer<ffi::S32>> epoch, int64_t buffer_id,
@@ -120,6 +125,8 @@ ffi::Error CombineRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi:
   a.weights = weights.typed_data();
   a.y = y->typed_data();
   a.epoch_out = epoch->typed_data();
+  a.expert_out = expert_out.typed_data();
+  a.src_rows = src_rows.typed_data();
   return from_cuda(launch_ll_combine_recv(a, stream), "low-latency combine recv");
 }
 
@@ -235,6 +242,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JaxEpLLCombineRecv, CombineRecvImpl,
     bind_on_stream()
+        .Arg<ffi::Buffer<ffi::S32>>()
+        .Arg<ffi::Buffer<ffi::BF16>>()
         .Arg<ffi::Buffer<ffi::S32>>()
         .Arg<ffi::Buffer<ffi::S32>>()
         .Arg<ffi::Buffer<ffi::F32>>()

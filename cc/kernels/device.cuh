@@ -180,6 +180,61 @@ __device__ __forceinline__ void close_call(const CallCtx& c, uint32_t* counter, 
   }
 }
 
+// What this rank's call publishes for its receivers (CallRecord), before its signal.
+__device__ __forceinline__ void publish_record(const CallCtx& c, uint32_t epoch, bool pull, const void* p0 = nullptr,
+                                               const void* p1 = nullptr, const void* p2 = nullptr,
+                                               const void* p3 = nullptr) {
+  CallRecord* r = reinterpret_cast<CallRecord*>(c.peers.base[c.rank] + c.off.call_rec) + (epoch & 1u);
+  r->word = (static_cast<uint64_t>(c.sig) << 32) | epoch;
+  r->pull = pull;
+  r->ptr[0] = reinterpret_cast<uint64_t>(p0);
+  r->ptr[1] = reinterpret_cast<uint64_t>(p1);
+  r->ptr[2] = reinterpret_cast<uint64_t>(p2);
+  r->ptr[3] = reinterpret_cast<uint64_t>(p3);
+}
+
+// Rank `r`'s record of this call, read after its signal was acquired: true when
+// r published its operands in place, with their addresses here (through the
+// window) in p; a record of another call is a MISMATCH naming `phase`.
+__device__ __forceinline__ bool published_operands(const CallCtx& c, int r, uint32_t epoch, uint32_t phase,
+                                                   char* (&p)[4]) {
+  const auto* rec = reinterpret_cast<const unsigned long long*>(
+      reinterpret_cast<const CallRecord*>(c.peers.base[r] + c.off.call_rec) + (epoch & 1u));
+  const uint64_t word = __ldcg(rec);
+  if (word != ((static_cast<uint64_t>(c.sig) << 32) | epoch))
+    fail(c, kFaultMismatch, phase, r, static_cast<uint32_t>(word >> 32), c.sig);
+  if (__ldcg(rec + 1) == 0) return false;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint64_t a = __ldcg(rec + 2 + i);
+    p[i] = a == 0 ? nullptr : reinterpret_cast<char*>(static_cast<int64_t>(a) + c.win_delta[r]);
+  }
+  return true;
+}
+
+// The last block of a call's last kernel closes the call. With windows it first
+// tells every rank that this rank has read all it needed of theirs; a rank whose
+// XLA operands were read in place (`published`) then waits until every rank has
+// said so, since XLA may reuse that memory once the call is over.
+__device__ __forceinline__ void close_call_released(const CallCtx& c, uint32_t* counter, uint32_t epoch,
+                                                    int32_t* epoch_out, bool published) {
+  const bool last = c.window ? last_block_done<true>(counter) : last_block_done<false>(counter);
+  if (!last) return;
+  if (c.window) {
+    const uint64_t word = (static_cast<uint64_t>(c.sig) << 32) | epoch;
+    for (int r = threadIdx.x; r < c.nranks; r += blockDim.x)
+      st_release_sys64(reinterpret_cast<uint64_t*>(c.peers.base[r] + c.off.done_inbox) + c.rank, word);
+    if (published) {
+      const uint64_t* done = reinterpret_cast<const uint64_t*>(c.peers.base[c.rank] + c.off.done_inbox);
+      wait_each(c, [&](int r) { wait_word(c, kPhaseOperandsRelease, r, epoch, done + r); });
+    }
+  }
+  if (threadIdx.x == 0) {
+    c.control[kCtlEpoch] = epoch;
+    *epoch_out = static_cast<int32_t>(epoch);
+  }
+}
+
 // A low-latency send of `epoch`: fail if the previous send on this Buffer had the
 // same epoch, i.e. its receive has not closed that call yet (two sends in a row:
 // their messages would share slots and count words). Every block checks at its

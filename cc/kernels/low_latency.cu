@@ -522,6 +522,17 @@ __global__ void __launch_bounds__(kThreads) ll_combine_send_kernel(LLCombineSend
   const LowLatencyShape& s = a.s;
   const uint32_t epoch = current_epoch(c);
   check_send_order(c, kPhaseLowLatencyCombineSend, epoch);
+  if constexpr (!kShmem) {
+    if (a.pull) {  // one block (the launch's grid): the sources read the rows where they are
+      if (blockIdx.x == 0 && threadIdx.x == 0) {
+        publish_record(c, epoch, true, a.expert_out, a.src_rows);
+        signal_all(c, epoch);
+        mark_send_open(c, epoch);
+        *a.epoch_out = static_cast<int32_t>(epoch);
+      }
+      return;
+    }
+  }
   const int units = s.H / kUnit;
   const __nv_bfloat16* eo = static_cast<const __nv_bfloat16*>(a.expert_out);
   // A warp takes q consecutive slots at a time (as many as leave every warp
@@ -551,6 +562,7 @@ __global__ void __launch_bounds__(kThreads) ll_combine_send_kernel(LLCombineSend
   if constexpr (kShmem) quiet_block();
 #endif
   if (last_block_done(c.control + kCtlDoneSend) && threadIdx.x == 0) {
+    if (!kShmem && c.window) publish_record(c, epoch, false);  // pushed: read the slots
     signal_ranks<kShmem>(c, epoch);
     mark_send_open(c, epoch);
     *a.epoch_out = static_cast<int32_t>(epoch);
@@ -560,6 +572,9 @@ __global__ void __launch_bounds__(kThreads) ll_combine_send_kernel(LLCombineSend
 // ------------------------------------------------------------ combine recv
 
 // kLocal (one rank): slot k of token t is expert_out's row src_rows[t, i].
+// Several ranks: slot (r, i) of token t is rank r's row of expert_out, found
+// through its src_rows, where r published them (windows, peer pointers), else
+// the row r pushed into this rank's combine slots.
 // kMaxK: the largest K the instance serves; at 8 (the common top-8) a lane
 // adds two units per step, the loads of both in flight before any is added.
 template <bool kLocal, int kMaxK>
@@ -568,33 +583,55 @@ __global__ void __launch_bounds__(kThreads) ll_combine_recv_kernel(LLCombineRecv
   const LowLatencyShape& s = a.s;
   const uint32_t epoch = current_epoch(c);
   const int lane = lane_id(), units = s.H / kUnit;
-  if constexpr (!kLocal) wait_all(c, kPhaseLowLatencyCombineWait, epoch);
+  // Per rank: its expert_out and src_rows here, where it published them.
+  __shared__ const __nv_bfloat16* eo_of[kLocal ? 1 : kMaxRanks];
+  __shared__ const int32_t* sr_of[kLocal ? 1 : kMaxRanks];
+  const bool windows = !kLocal && c.window && c.transport == kTransportPeer;
+  if constexpr (!kLocal) {
+    wait_all(c, kPhaseLowLatencyCombineWait, epoch);
+    for (int r = threadIdx.x; r < c.nranks; r += blockDim.x) {
+      char* p[4] = {nullptr, nullptr, nullptr, nullptr};
+      const bool pulled = windows && published_operands(c, r, epoch, kPhaseLowLatencyCombineWait, p);
+      eo_of[r] = pulled ? reinterpret_cast<const __nv_bfloat16*>(p[0]) : nullptr;
+      sr_of[r] = pulled ? reinterpret_cast<const int32_t*>(p[1]) : nullptr;
+    }
+    __syncthreads();
+  }
   const RowSplit split(s.T, kMaxParts);
   const int per = ((units + split.parts - 1) / split.parts + 31) / 32 * 32;  // units of a piece
   const int u_lo = split.part * per, u_hi = min(units, u_lo + per);
+  const size_t rows = static_cast<size_t>(s.El) * c.nranks * s.M;  // of a rank's expert_out
   for (int t = split.first; t < s.T; t += split.slots) {
-    // Lane k finds slot k's place once (kLocal: then its row of expert_out, one
-    // more dependent load); every lane gets all K by shuffles.
-    int ref_l = route_token(a.topk_idx + static_cast<size_t>(t) * s.K, s.K, s.E, s.El, s.Kl).sp;
+    // Lane k finds slot k's row once (one or two dependent loads); every lane
+    // gets all K by shuffles.
+    const int sp = route_token(a.topk_idx + static_cast<size_t>(t) * s.K, s.K, s.E, s.El, s.Kl).sp;
     const float w_l = lane < s.K ? a.weights[t * s.K + lane] : 0.f;
-    if (kLocal && ref_l >= 0) ref_l = a.src_rows[t * s.Kl + ref_l % s.Kl];
-    int ref[kMaxK];
+    const int4* row_l = nullptr;  // null: no slot
+    if (sp >= 0) {
+      const int r = sp / s.Kl, i = sp % s.Kl;
+      if constexpr (kLocal) {
+        const int ref = a.src_rows[t * s.Kl + i];
+        if (ref >= 0)
+          row_l = reinterpret_cast<const int4*>(static_cast<const __nv_bfloat16*>(a.expert_out) +
+                                                static_cast<size_t>(ref) * s.H);
+      } else if (sr_of[r] != nullptr) {
+        const int ref = __ldcg(sr_of[r] + (static_cast<size_t>(c.rank) * s.M + t) * s.Kl + i);
+        if (ref >= 0 && static_cast<size_t>(ref) < rows)  // never past r's expert_out
+          row_l = reinterpret_cast<const int4*>(eo_of[r] + static_cast<size_t>(ref) * s.H);
+      } else {
+        row_l = reinterpret_cast<const int4*>(ll_comb_slot(c, s, c.rank, r, t, i, epoch));
+      }
+    }
+    const int4* row[kMaxK];
     float w[kMaxK];
 #pragma unroll
     for (int k = 0; k < kMaxK; ++k) {
-      ref[k] = __shfl_sync(0xffffffffu, ref_l, k);
+      row[k] = reinterpret_cast<const int4*>(
+          __shfl_sync(0xffffffffu, static_cast<unsigned long long>(reinterpret_cast<uintptr_t>(row_l)), k));
       w[k] = __shfl_sync(0xffffffffu, w_l, k);
     }
     __nv_bfloat16* y = static_cast<__nv_bfloat16*>(a.y) + static_cast<size_t>(t) * s.H;
     if constexpr (kMaxK <= 8) {
-      const int4* row[kMaxK];  // slot k's row, null: no slot
-#pragma unroll
-      for (int k = 0; k < kMaxK; ++k)
-        row[k] = ref[k] < 0 ? nullptr
-                            : reinterpret_cast<const int4*>(
-                                  kLocal ? static_cast<const __nv_bfloat16*>(a.expert_out) +
-                                               static_cast<size_t>(ref[k]) * s.H
-                                         : ll_comb_slot(c, s, c.rank, ref[k] / s.Kl, t, ref[k] % s.Kl, epoch));
       for (int u = u_lo + lane; u < u_hi; u += 64) {
         const bool two = u + 32 < u_hi;
         int4 r0[kMaxK], r1[kMaxK];
@@ -628,19 +665,22 @@ __global__ void __launch_bounds__(kThreads) ll_combine_recv_kernel(LLCombineRecv
       for (int j = 0; j < kUnit; ++j) acc[j] = -0.f;  // the additive identity
 #pragma unroll
       for (int k = 0; k < kMaxK; ++k) {  // top-k order
-        if (ref[k] < 0) continue;
+        if (row[k] == nullptr) continue;
         float v[kUnit];
-        const __nv_bfloat16* slot =
-            kLocal ? static_cast<const __nv_bfloat16*>(a.expert_out) + static_cast<size_t>(ref[k]) * s.H
-                   : ll_comb_slot(c, s, c.rank, ref[k] / s.Kl, t, ref[k] % s.Kl, epoch);
-        Vec<__nv_bfloat16>::load(__ldcg(reinterpret_cast<const int4*>(slot) + u), v);
+        Vec<__nv_bfloat16>::load(__ldcg(row[k] + u), v);
 #pragma unroll
         for (int j = 0; j < kUnit; ++j) acc[j] = __fadd_rn(acc[j], __fmul_rn(w[k], v[j]));
       }
       store_unit(y + u * kUnit, acc);
     }
   }
-  close_call(c, c.control + kCtlDoneRecv, epoch, a.epoch_out);
+  if constexpr (kLocal) {
+    close_call(c, c.control + kCtlDoneRecv, epoch, a.epoch_out);
+  } else if (windows) {  // every rank is told this one is done reading; a rank that published waits for all
+    close_call_released(c, c.control + kCtlDoneRecv, epoch, a.epoch_out, sr_of[c.rank] != nullptr);
+  } else {
+    close_call(c, c.control + kCtlDoneRecv, epoch, a.epoch_out);
+  }
 }
 
 template <typename F, typename A>
@@ -672,8 +712,9 @@ constexpr bool kNvshmemBuilt = false;
 // A send kernel in the build of the Buffer's transport (NVSHMEM Buffers cannot be
 // made without NVSHMEM in the build; the check only keeps a stray call safe).
 template <typename A>
-cudaError_t launch_send(void (*peer)(A), void (*shmem)(A), const A& a, cudaStream_t stream, size_t smem = 0) {
-  if (a.c.transport != kTransportNvshmem) return launch(peer, a.num_sms, stream, a, smem);
+cudaError_t launch_send(void (*peer)(A), void (*shmem)(A), const A& a, cudaStream_t stream, size_t smem = 0,
+                        int peer_grid = 0) {
+  if (a.c.transport != kTransportNvshmem) return launch(peer, peer_grid > 0 ? peer_grid : a.num_sms, stream, a, smem);
   if (!kNvshmemBuilt) return cudaErrorNotSupported;
   return launch(shmem, a.num_sms, stream, a, smem);
 }
@@ -712,7 +753,7 @@ cudaError_t launch_ll_dispatch_recv(const LLDispatchRecvArgs& a, cudaStream_t st
 }
 
 cudaError_t launch_ll_combine_send(const LLCombineSendArgs& a, cudaStream_t stream) {
-  return launch_send(ll_combine_send_kernel<false>, ll_combine_send_kernel<true>, a, stream);
+  return launch_send(ll_combine_send_kernel<false>, ll_combine_send_kernel<true>, a, stream, 0, a.pull ? 1 : 0);
 }
 
 cudaError_t launch_ll_combine_recv(const LLCombineRecvArgs& a, cudaStream_t stream) {

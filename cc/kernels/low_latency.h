@@ -19,10 +19,18 @@
 //                   closed N.
 //   combine_send    each packed row goes back unreduced to slot (rank, t, i)
 //                   of its source's half (N+1)&1; then every rank is signalled.
+//                   With windows (every rank maps every other's XLA memory) the
+//                   send publishes where expert_out and src_rows are instead
+//                   (CallRecord) and moves nothing: the sources read the rows.
 //   combine_recv    wait for every rank, sum each token's slots in top-k
 //                   order with its weights in float32, round once to BF16
 //                   (a token's slots come from its topk_idx, found by one
-//                   warp with shuffles: the sender routing of the dispatch).
+//                   warp with shuffles: the sender routing of the dispatch);
+//                   a slot of a rank that published is its row of that rank's
+//                   expert_out, found through that rank's src_rows. The receive
+//                   takes expert_out and src_rows as operands, so XLA keeps them
+//                   until it ends, and it ends only when every rank has said it
+//                   is done reading them (done_inbox).
 // With one rank nothing moves between ranks: dispatch runs as one kernel
 // (dispatch_local) that writes each row straight into its packed place in the
 // output, and combine as one (combine_local) that sums the expert rows where
@@ -88,6 +96,9 @@ struct LLCombineSendArgs {
   const void* expert_out;   // bf16 [El, R*M, H]
   const int32_t* src_rows;  // [R, M, Kl]
   int32_t* epoch_out;
+  // Windows (peer pointers): publish expert_out and src_rows for the sources to
+  // read in place instead of pushing the rows (one block, nothing copied).
+  bool pull;
 };
 
 struct LLCombineRecvArgs {
@@ -100,8 +111,10 @@ struct LLCombineRecvArgs {
   int32_t* epoch_out;
   // One rank (launch_ll_combine_local): the rows are read where the experts
   // wrote them, through the dispatch's src_rows, and no combine send runs.
-  const void* expert_out;   // bf16 [El, M, H]
-  const int32_t* src_rows;  // [1, M, Kl]
+  // Several ranks: this rank's operands of the send (kept alive until the
+  // receive ends; rows are found through each rank's published record).
+  const void* expert_out;   // bf16 [El, R*M, H]
+  const int32_t* src_rows;  // [R, M, Kl]
 };
 
 cudaError_t launch_ll_dispatch_send(const LLDispatchSendArgs& a, cudaStream_t stream);

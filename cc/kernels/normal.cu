@@ -163,38 +163,6 @@ __device__ __forceinline__ void signal_node(const CallCtx& c, uint32_t epoch) {
   signal_range(c, epoch, c.nodes == 1 ? 0 : node_of(c, c.rank) * c.local_size, c.local_size);
 }
 
-// What this rank's call publishes for its receivers (CallRecord), before its signal.
-__device__ __forceinline__ void publish_record(const CallCtx& c, uint32_t epoch, bool pull, const void* p0 = nullptr,
-                                               const void* p1 = nullptr, const void* p2 = nullptr,
-                                               const void* p3 = nullptr) {
-  CallRecord* r = reinterpret_cast<CallRecord*>(c.peers.base[c.rank] + c.off.call_rec) + (epoch & 1u);
-  r->word = (static_cast<uint64_t>(c.sig) << 32) | epoch;
-  r->pull = pull;
-  r->ptr[0] = reinterpret_cast<uint64_t>(p0);
-  r->ptr[1] = reinterpret_cast<uint64_t>(p1);
-  r->ptr[2] = reinterpret_cast<uint64_t>(p2);
-  r->ptr[3] = reinterpret_cast<uint64_t>(p3);
-}
-
-// Rank `r`'s record of this call, read after its signal was acquired: true when
-// r published its operands in place, with their addresses here (through the
-// window) in p; a record of another call is a MISMATCH naming `phase`.
-__device__ __forceinline__ bool published_operands(const CallCtx& c, int r, uint32_t epoch, uint32_t phase,
-                                                   char* (&p)[4]) {
-  const auto* rec = reinterpret_cast<const unsigned long long*>(
-      reinterpret_cast<const CallRecord*>(c.peers.base[r] + c.off.call_rec) + (epoch & 1u));
-  const uint64_t word = __ldcg(rec);
-  if (word != ((static_cast<uint64_t>(c.sig) << 32) | epoch))
-    fail(c, kFaultMismatch, phase, r, static_cast<uint32_t>(word >> 32), c.sig);
-  if (__ldcg(rec + 1) == 0) return false;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const uint64_t a = __ldcg(rec + 2 + i);
-    p[i] = a == 0 ? nullptr : reinterpret_cast<char*>(static_cast<int64_t>(a) + c.win_delta[r]);
-  }
-  return true;
-}
-
 // Where source `src`'s rows, FP8 scales, ids and weights of this dispatch are
 // read: its XLA operands in place, when it published them (windows), else its
 // staging. Read after src's signal was acquired.
@@ -203,29 +171,6 @@ __device__ __forceinline__ Stage source_view(const CallCtx& c, const NormalShape
   if (c.window && published_operands(c, src, epoch, kPhaseDispatchWait, p))
     return {p[0], reinterpret_cast<float*>(p[1]), reinterpret_cast<int32_t*>(p[2]), reinterpret_cast<float*>(p[3])};
   return stage_of(c, s, src, epoch);
-}
-
-// The last block of a call's last kernel closes the call. With windows it first
-// tells every rank that this rank has read all it needed of theirs; a rank whose
-// XLA operands were read in place (`published`) then waits until every rank has
-// said so, since XLA may reuse that memory once the call is over.
-__device__ __forceinline__ void close_call_released(const CallCtx& c, uint32_t* counter, uint32_t epoch,
-                                                    int32_t* epoch_out, bool published) {
-  const bool last = c.window ? last_block_done<true>(counter) : last_block_done<false>(counter);
-  if (!last) return;
-  if (c.window) {
-    const uint64_t word = (static_cast<uint64_t>(c.sig) << 32) | epoch;
-    for (int r = threadIdx.x; r < c.nranks; r += blockDim.x)
-      st_release_sys64(reinterpret_cast<uint64_t*>(c.peers.base[r] + c.off.done_inbox) + c.rank, word);
-    if (published) {
-      const uint64_t* done = reinterpret_cast<const uint64_t*>(c.peers.base[c.rank] + c.off.done_inbox);
-      wait_each(c, [&](int r) { wait_word(c, kPhaseOperandsRelease, r, epoch, done + r); });
-    }
-  }
-  if (threadIdx.x == 0) {
-    c.control[kCtlEpoch] = epoch;
-    *epoch_out = static_cast<int32_t>(epoch);
-  }
 }
 
 // The address of this rank's `p` in rank `pe`'s buffer (the same offset).

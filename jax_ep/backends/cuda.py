@@ -418,7 +418,9 @@ def ll_combine_send(expert_out, topk_idx, weights, handle):
     call = jax.ffi.ffi_call("jax_ep_ll_combine_send", (_sds((1,), jnp.int32),), has_side_effect=True)
     (epoch,) = call(expert_out, handle.src_rows, handle.epoch, **_ll_attrs(meta))
     epoch = like_inputs(epoch, expert_out, handle.src_rows)
-    return LowLatencyPending((epoch,), (topk_idx, weights), meta, Stage("combine"))
+    # The receive takes expert_out and src_rows too: where the send let the other
+    # ranks read them in place, XLA must keep them until the receive ends.
+    return LowLatencyPending((epoch, expert_out, handle.src_rows), (topk_idx, weights), meta, Stage("combine"))
 
 
 def ll_combine_recv(pending):
@@ -430,7 +432,8 @@ def ll_combine_recv(pending):
         y, _ = like_inputs(call(*pending.arrays, topk_idx, weights, **_ll_attrs(meta)),
                            *pending.arrays, topk_idx, weights)
         return y
-    (epoch,) = pending.arrays
+    epoch, expert_out, src_rows = pending.arrays
     call = jax.ffi.ffi_call("jax_ep_ll_combine_recv", shapes, has_side_effect=True)
-    y, _ = like_inputs(call(epoch, topk_idx, weights, **_ll_attrs(meta)), epoch, topk_idx, weights)
+    y, _ = like_inputs(call(epoch, expert_out, src_rows, topk_idx, weights, **_ll_attrs(meta)),
+                       epoch, topk_idx, weights)
     return y

@@ -57,6 +57,48 @@ def test_low_latency_matches_xla(case):
     assert_same(got, want, str(case))
 
 
+def test_low_latency_windows_and_copies_agree():
+    """The combine with windows (each source reads the expert rows where the
+    experts' ranks hold them) and on a Buffer without (the rows are pushed into
+    the sources' combine slots): both bit for bit the xla backend's."""
+    import os
+
+    from harness import AXIS, gpu_mesh, local_ranks
+
+    from jax_ep.backends import cuda as cuda_backend
+
+    n = num_ranks()
+    if n > 1 and len(local_ranks()) == 1 and cuda_backend._windows_wanted():
+        assert buffer().windows, "a process did not map its peers' XLA memory"
+    before = os.environ.get("JAX_EP_WINDOWS")
+    os.environ["JAX_EP_WINDOWS"] = "0"
+    try:
+        copying = jax_ep.Buffer(gpu_mesh(), AXIS, hidden=H, max_tokens_per_rank=M, num_experts=E, top_k=K,
+                                dtype=jnp.bfloat16, low_latency=True, name="ll-copying")
+    finally:
+        if before is None:
+            del os.environ["JAX_EP_WINDOWS"]
+        else:
+            os.environ["JAX_EP_WINDOWS"] = before
+    try:
+        assert not copying.windows
+        for i, (fp8, kind, t, overlap) in enumerate([(True, "random", M, False), (False, "messy", 33, True),
+                                                     (True, "one_rank", 5, False)]):
+            rng = np.random.default_rng(600 + i)
+            x = rng.standard_normal((n * t, H)).astype(jnp.bfloat16)
+            idx = routing(kind, n, t, K, E, seed=90 + i)
+            w = rng.random((n * t, K)).astype(np.float32)
+            key = ("llwin", i)
+            want = run_oracle(key + ("xla",), _body("xla", fp8, False, overlap), x, idx, w)
+            for step in range(3):  # later calls on the same memory
+                fast = run_gpu(key + ("default",), _body("cuda", fp8, False, overlap), x, idx, w)
+                slow = run_gpu(key + ("copying",), _body("cuda", fp8, False, overlap, buffer=copying), x, idx, w)
+                assert_same(fast, want, f"windows {kind} fp8={fp8}")
+                assert_same(slow, want, f"copies {kind} fp8={fp8}")
+    finally:
+        copying.close()
+
+
 _NVSHMEM = []
 
 
