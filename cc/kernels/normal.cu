@@ -306,20 +306,48 @@ __global__ void __launch_bounds__(kThreads) stage_kernel(DispatchArgs a, bool co
     } else if constexpr (kFp8) {
       uint8_t* q_row = reinterpret_cast<uint8_t*>(st.x) + static_cast<size_t>(t) * s.H;
       // Whole 16-lane blocks are active or not (H % 128 == 0), as the shuffles need.
-      for (int base = 0; base < units; base += 32 * kUnroll) {
-        float v[kUnroll][kUnit];
+      // The warp's next kUnroll units per lane are in flight while these are
+      // quantized and stored (raw 16-byte words: few registers for 2-byte T; a
+      // float row loads each step's units after the last is stored, as registers
+      // would run out).
+      constexpr int kR = kUnit * sizeof(T) / 16;  // 16-byte words of a unit
+      constexpr bool kAhead = sizeof(T) <= 2;
+      int4 raw[kUnroll][kR];
+      auto fetch = [&](int4 (&r)[kUnroll][kR], int base) {
 #pragma unroll
-        for (int j = 0; j < kUnroll; ++j)  // every load first
-          if (base + 32 * j + lane < units) load_unit(row + (base + 32 * j + lane) * kUnit, v[j]);
+        for (int j = 0; j < kUnroll; ++j)
+          if (base + 32 * j + lane < units)
+#pragma unroll
+            for (int w = 0; w < kR; ++w)
+              r[j][w] = __ldg(reinterpret_cast<const int4*>(row + (base + 32 * j + lane) * kUnit) + w);
+      };
+      fetch(raw, 0);
+      for (int base = 0; base < units; base += 32 * kUnroll) {
+        const int next = base + 32 * kUnroll;
+        int4 ahead[kUnroll][kR];
+        if (kAhead && next < units) fetch(ahead, next);
 #pragma unroll
         for (int j = 0; j < kUnroll; ++j) {
           const int u = base + 32 * j + lane;
+          float v[kUnit];
+#pragma unroll
+          for (int w = 0; w < kR; ++w) Vec<T>::load(raw[j][w], v + w * (16 / static_cast<int>(sizeof(T))));
           float scale;
-          const uint2 q = quantize_unit<T>(v[j], u < units, /*round_scale=*/false, &scale);
+          const uint2 q = quantize_unit<T>(v, u < units, /*round_scale=*/false, &scale);
           if (u < units) {
             *reinterpret_cast<uint2*>(q_row + u * kUnit) = q;
             if (u % kUnitsPerBlock == 0)
               st.scales[static_cast<size_t>(t) * (s.H / 128) + u / kUnitsPerBlock] = scale;
+          }
+        }
+        if (next < units) {
+          if constexpr (kAhead) {
+#pragma unroll
+            for (int j = 0; j < kUnroll; ++j)
+#pragma unroll
+              for (int w = 0; w < kR; ++w) raw[j][w] = ahead[j][w];
+          } else {
+            fetch(raw, next);
           }
         }
       }
