@@ -73,6 +73,29 @@ def buffer(hidden: int = 256, tokens: int = 128, experts: int = 32, top_k: int =
     return _BUFFER[0]
 
 
+def copying_buffer(name: str, **kw) -> jax_ep.Buffer:
+    """A Buffer made with `JAX_EP_WINDOWS=0`: no rank reads another's XLA memory in
+    place, every row is copied through the Buffers. Also checks that the default
+    buffer has its windows open, where they are wanted (one process per rank)."""
+    import os
+
+    from jax_ep.backends import cuda as cuda_backend
+
+    if num_ranks() > 1 and len(local_ranks()) == 1 and cuda_backend._windows_wanted():
+        assert buffer().windows, "a process did not map its peers' XLA memory"
+    before = os.environ.get("JAX_EP_WINDOWS")
+    os.environ["JAX_EP_WINDOWS"] = "0"
+    try:
+        buf = jax_ep.Buffer(gpu_mesh(), AXIS, name=name, **kw)
+    finally:
+        if before is None:
+            del os.environ["JAX_EP_WINDOWS"]
+        else:
+            os.environ["JAX_EP_WINDOWS"] = before
+    assert not buf.windows
+    return buf
+
+
 _FNS: Dict[Tuple, Callable] = {}
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jax_ep
-from harness import assert_same, buffer, num_ranks, routing, run_gpu, run_oracle
+from harness import assert_same, buffer, copying_buffer, num_ranks, routing, run_gpu, run_oracle
 
 H, E, K, M = 256, 32, 6, 64
 
@@ -61,27 +61,11 @@ def test_low_latency_windows_and_copies_agree():
     """The combine with windows (each source reads the expert rows where the
     experts' ranks hold them) and on a Buffer without (the rows are pushed into
     the sources' combine slots): both bit for bit the xla backend's."""
-    import os
-
-    from harness import AXIS, gpu_mesh, local_ranks
-
-    from jax_ep.backends import cuda as cuda_backend
-
     n = num_ranks()
-    if n > 1 and len(local_ranks()) == 1 and cuda_backend._windows_wanted():
-        assert buffer().windows, "a process did not map its peers' XLA memory"
-    before = os.environ.get("JAX_EP_WINDOWS")
-    os.environ["JAX_EP_WINDOWS"] = "0"
+    buffer()
+    copying = copying_buffer("ll-copying", hidden=H, max_tokens_per_rank=M, num_experts=E, top_k=K,
+                             dtype=jnp.bfloat16, low_latency=True)
     try:
-        copying = jax_ep.Buffer(gpu_mesh(), AXIS, hidden=H, max_tokens_per_rank=M, num_experts=E, top_k=K,
-                                dtype=jnp.bfloat16, low_latency=True, name="ll-copying")
-    finally:
-        if before is None:
-            del os.environ["JAX_EP_WINDOWS"]
-        else:
-            os.environ["JAX_EP_WINDOWS"] = before
-    try:
-        assert not copying.windows
         for i, (fp8, kind, t, overlap) in enumerate([(True, "random", M, False), (False, "messy", 33, True),
                                                      (True, "one_rank", 5, False)]):
             rng = np.random.default_rng(600 + i)

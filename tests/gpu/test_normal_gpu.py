@@ -1,14 +1,10 @@
 """Normal-mode CUDA kernels against the xla backend, bit for bit, on every rank."""
 
-import os
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jax_ep
-from jax_ep.backends import cuda as cuda_backend
-from harness import (AXIS, assert_same, buffer, dispatch_combine_body, gpu_mesh, grad_body, local_ranks, num_ranks,
+from harness import (assert_same, buffer, copying_buffer, dispatch_combine_body, grad_body, local_ranks, num_ranks,
                      routing, run_gpu, run_oracle, soak_body)
 
 T, H, E, K = 96, 256, 32, 6
@@ -58,20 +54,9 @@ def test_windows_and_copies_agree():
     bits. Between processes on one node the windows must be open by default."""
     n = num_ranks()
     buffer()
-    if n > 1 and len(local_ranks()) == 1 and cuda_backend._windows_wanted():
-        assert buffer().windows, "a process did not map its peers' XLA memory"
-    before = os.environ.get("JAX_EP_WINDOWS")
-    os.environ["JAX_EP_WINDOWS"] = "0"
+    copying = copying_buffer("copying", hidden=256, max_tokens_per_rank=128, num_experts=32, top_k=8,
+                             dtype=jnp.float32)
     try:
-        copying = jax_ep.Buffer(gpu_mesh(), AXIS, hidden=256, max_tokens_per_rank=128, num_experts=32,
-                                top_k=8, dtype=jnp.float32, name="copying")
-    finally:
-        if before is None:
-            del os.environ["JAX_EP_WINDOWS"]
-        else:
-            os.environ["JAX_EP_WINDOWS"] = before
-    try:
-        assert not copying.windows
         for i in (0, 3, 9, 11):  # weighted experts, capacity drops, tokens, one hot rank
             case = CASES[i]
             layout, fp8, out_dtype, cap, max_rows, weighted, dtype, kind = case
