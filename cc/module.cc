@@ -6,6 +6,7 @@
 #include <memory>
 
 #include "ffi_low_latency.h"
+#include "kernels/fp8_check.h"
 #include "ffi_normal.h"
 #include "nvshmem_runtime.h"
 #include "runtime.h"
@@ -226,6 +227,20 @@ NB_MODULE(_ext, m) {
   m.def("nvshmem_ring_check", &jax_ep::nvshmem_ring_check,
         "Each PE puts its number into the next PE's symmetric word; returns the word received.");
   m.def("nvshmem_stop", &jax_ep::nvshmem_stop, "Finalize NVSHMEM in this process.");
+
+  m.def(
+      "fp8_quotient_check",
+      [](const std::string& kind, bool round_scale, int device) {
+        const int k = kind == "bf16" ? 0 : kind == "fp16" ? 1 : kind == "fp32" ? 2 : -1;
+        if (k < 0) throw std::invalid_argument("jax_ep: fp8_quotient_check kind: bf16, fp16 or fp32");
+        jax_ep::Fp8QuotientCheck r{};
+        on_device(device, [&] { return jax_ep::fp8_quotient_check(k, round_scale, &r); }, "fp8_quotient_check");
+        return nb::make_tuple(r.pairs, r.fp8, r.quotient);
+      },
+      nb::arg("kind"), nb::arg("round_scale"), nb::arg("device"),
+      "(pairs, e4m3 mismatches, float32 quotient mismatches) of the FP8 quantizer's "
+      "quotient against IEEE division on a CUDA device: every BF16 or FP16 pair, "
+      "or float32 samples.");
 
   m.def("version", []() { return "0.1.0"; });
 }

@@ -150,6 +150,7 @@ __device__ __forceinline__ TokenRoute route_token(const int32_t* ids, int K, int
 // topk_idx ([n] ints) copied into this block's dynamic shared memory when the
 // launch gave it room (kIdsSmem bytes at most), else read where it is.
 constexpr size_t kIdsSmem = 32 * 1024;  // well inside the 48 KB a block has without opting in
+constexpr size_t kRankSmem = 48 * 1024;
 __device__ __forceinline__ const int32_t* stage_ids(const int32_t* g, int n) {
   extern __shared__ int4 ids_smem[];
   unsigned room;
@@ -168,21 +169,61 @@ __device__ __forceinline__ bool token_has(const int32_t* ids, int K, int e) {
   return hit;
 }
 
+// Tokens per expert before each chunk of 32 tokens, in shared memory after the
+// staged topk_idx when the launch gave room (rank_smem_bytes): pre[c * E + e] =
+// the tokens before token 32 c that hold expert e (a token once, however often
+// it repeats e), so a token's rank scans its own chunk only. Every block builds
+// the whole table (a few thousand shared-memory adds); null without room or
+// without ids in shared memory.
+constexpr int kRankChunk = 32;
+__host__ __device__ inline int rank_chunks(int T) { return (T + kRankChunk - 1) / kRankChunk; }
+__device__ __forceinline__ const int* stage_rank_prefix(const int32_t* ids, const int32_t* g, int T, int K,
+                                                        int E) {
+  extern __shared__ int4 ids_smem[];
+  unsigned room;
+  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(room));
+  const int n = T * K, nch = rank_chunks(T);
+  if (ids == g || (static_cast<size_t>(n) + static_cast<size_t>(nch) * E) * sizeof(int) > room) return nullptr;
+  int* pre = reinterpret_cast<int*>(ids_smem) + n;
+  for (int i = threadIdx.x; i < nch * E; i += blockDim.x) pre[i] = 0;
+  __syncthreads();
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {  // chunk c's tokens count in row c + 1
+    const int t = i / K, k = i - t * K, e = ids[i], c = t / kRankChunk + 1;
+    if (c >= nch || e < 0 || e >= E) continue;
+    bool first = true;
+    for (int k2 = 0; k2 < k; ++k2) first &= ids[t * K + k2] != e;
+    if (first) atomicAdd(pre + c * E + e, 1);
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    int run = 0;
+    for (int c = 1; c < nch; ++c) pre[c * E + e] = run += pre[c * E + e];
+  }
+  __syncthreads();
+  return pre;
+}
+
 // Lane k's rank of token t among the tokens before it that hold expert `row`
-// (lane k's row, -1: none): lanes take 32 earlier tokens at a time.
-__device__ __forceinline__ int rank_before(const int32_t* topk_idx, int t, int K, int row) {
+// (lane k's row, -1: none): from the chunk table `pre` (stage_rank_prefix; or
+// null) and a scan of the earlier tokens not in it, 32 at a time.
+template <int kMaxK>
+__device__ __forceinline__ int rank_before(const int32_t* topk_idx, int t, int K, int row, const int* pre, int E) {
   const int lane = lane_id();
-  int rank = 0;
-  for (int t0 = 0; t0 < t; t0 += 32) {
+  int rank = 0, from = 0;
+  if (pre != nullptr) {
+    from = t / kRankChunk * kRankChunk;
+    if (row >= 0) rank = pre[t / kRankChunk * E + row];
+  }
+  for (int t0 = from; t0 < t; t0 += 32) {
     const int tt = t0 + lane;
-    int ids[kMaxTopK];
+    int ids[kMaxK];
 #pragma unroll
-    for (int k = 0; k < kMaxTopK; ++k) ids[k] = tt < t && k < K ? topk_idx[tt * K + k] : -1;
+    for (int k = 0; k < kMaxK; ++k) ids[k] = tt < t && k < K ? topk_idx[tt * K + k] : -1;
     for (int k = 0; k < K; ++k) {
       const int ek = __shfl_sync(0xffffffffu, row, k);
       bool hit = false;
 #pragma unroll
-      for (int k2 = 0; k2 < kMaxTopK; ++k2) hit |= ek >= 0 && ids[k2] == ek;
+      for (int k2 = 0; k2 < kMaxK; ++k2) hit |= ek >= 0 && ids[k2] == ek;
       const int n = __popc(__ballot_sync(0xffffffffu, hit));
       if (lane == k) rank += n;
     }
@@ -225,6 +266,7 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(LLDispatchSe
   const int chunks = (units + kPiece - 1) / kPiece;
   const RowSplit split(s.T, chunks);
   const int32_t* ids = stage_ids(a.topk_idx, s.T * s.K);
+  const int* pre = stage_rank_prefix(ids, a.topk_idx, s.T, s.K, s.E);
   for (int t = split.first; t < s.T; t += split.slots) {
     // The first piece of the row is in flight while the token is routed.
     const char* row = reinterpret_cast<const char*>(x + static_cast<size_t>(t) * s.H);
@@ -234,7 +276,7 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(LLDispatchSe
     // this rank's tokens of the expert from topk_idx; piece 0 writes the
     // handle's slot_pos (and with kLocal the token's src_rows, -1 where unused).
     const TokenRoute r = route_token(ids + static_cast<size_t>(t) * s.K, s.K, s.E, s.El, s.Kl);
-    const int rank_l = rank_before(ids, t, s.K, r.row);
+    const int rank_l = rank_before<kMaxK>(ids, t, s.K, r.row, pre, s.E);
     if (split.part == 0) {
       if (lane < s.K) a.slot_pos_out[t * s.K + lane] = r.sp;
       if constexpr (kLocal) {
@@ -690,10 +732,14 @@ cudaError_t launch(F kernel, int grid, cudaStream_t stream, const A& args, size_
 }
 
 // Every block keeps its own copy of topk_idx in shared memory when it fits
-// kIdsSmem (T * K ints), for the routing's many reads.
+// kIdsSmem (T * K ints), for the routing's many reads, and after it the ranks'
+// chunk table (stage_rank_prefix) when both fit the 48 KB a block has without
+// opting in.
 size_t ids_smem_bytes(const LowLatencyShape& s) {
   const size_t ids = static_cast<size_t>(s.T) * s.K * sizeof(int32_t);
-  return ids <= kIdsSmem ? ids : 0;
+  if (ids > kIdsSmem) return 0;
+  const size_t both = ids + static_cast<size_t>(rank_chunks(s.T)) * s.E * sizeof(int);
+  return both <= kRankSmem ? both : ids;
 }
 
 // Zero `rows` rows of a dispatch output (FP8 or BF16 data, and the FP8 scales).

@@ -56,6 +56,41 @@ struct RawUnit {
   }
 };
 
+// x / scale rounded to nearest even, as an FP8 block's elements are divided by
+// its scale, with one reciprocal per block: q0 = x * r (r the correctly rounded
+// 1 / scale) is within an ulp of the quotient, and one step with the exact
+// residual x - scale * q0 (an FMA) gives the correctly rounded quotient
+// (Markstein's theorem) as long as quotient and residual stay in the normal
+// range, which every quotient that e4m3 does not flush to zero does (the
+// scale is at least kAmaxMin / kFp8Max). The sign is the dividend's also where
+// the quotient is zero. A scale that is not finite (a block with an inf or a
+// NaN) divides. fp8_quotient_check (fp8_check.cu) compares this with the
+// division over every pair of BF16 and of FP16 values: the e4m3 bytes are all
+// the same, and the float32 quotients differ only below 2^-11 (BF16 dividends
+// near float32's smallest normals, whose residual is subnormal).
+struct Fp8Divisor {
+  float scale, r;
+  bool fast;
+  __device__ __forceinline__ explicit Fp8Divisor(float s) {
+    scale = s;
+    r = __fdiv_rn(1.0f, s);
+    fast = isfinite(s);
+  }
+  __device__ __forceinline__ float quotient(float x) const {
+    if (!fast) return __fdiv_rn(x, scale);
+    const float q0 = __fmul_rn(x, r);
+    const float e = __fmaf_rn(-scale, q0, x);
+    return copysignf(__fmaf_rn(e, r, q0), x);
+  }
+};
+
+// The scale of a block whose largest magnitude is amax (NaN stays NaN).
+__device__ __forceinline__ float fp8_scale(float amax, bool round_scale) {
+  if (amax < kAmaxMin) amax = kAmaxMin;  // NaN stays NaN
+  const float scale = __fdiv_rn(amax, kFp8Max);
+  return round_scale ? round_pow2(scale) : scale;
+}
+
 // Quantize one unit of a 128-channel block; the 16 lanes of a block share
 // its scale through shuffles (all 32 lanes must call this together).
 template <typename T>
@@ -71,14 +106,12 @@ __device__ __forceinline__ uint2 quantize_unit(const float* v, bool active, bool
     const float o = __shfl_xor_sync(0xffffffffu, amax, off);
     amax = (o > amax || isnan(o)) ? o : amax;
   }
-  if (amax < kAmaxMin) amax = kAmaxMin;  // NaN stays NaN
-  float scale = __fdiv_rn(amax, kFp8Max);
-  if (round_scale) scale = round_pow2(scale);
-  *scale_out = scale;
+  const Fp8Divisor d(fp8_scale(amax, round_scale));
+  *scale_out = d.scale;
   uint2 q;
   uint8_t* b = reinterpret_cast<uint8_t*>(&q);
 #pragma unroll
-  for (int i = 0; i < kUnit; ++i) b[i] = to_e4m3(__fdiv_rn(v[i], scale));
+  for (int i = 0; i < kUnit; ++i) b[i] = to_e4m3(d.quotient(v[i]));
   return q;
 }
 

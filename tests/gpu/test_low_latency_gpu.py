@@ -11,9 +11,9 @@ from harness import assert_same, buffer, copying_buffer, num_ranks, routing, run
 H, E, K, M = 256, 32, 6, 64
 
 
-def _body(backend, fp8, round_scale, overlap, buffer=None, m=M, zero_padding=True):
+def _body(backend, fp8, round_scale, overlap, buffer=None, m=M, zero_padding=True, e=E):
     def body(x, idx, w):
-        kw = dict(num_experts=E, axis_name="ep", max_tokens_per_rank=m, fp8=fp8,
+        kw = dict(num_experts=e, axis_name="ep", max_tokens_per_rank=m, fp8=fp8,
                   round_scale=round_scale, backend=backend, buffer=buffer, zero_padding=zero_padding)
         if overlap:  # the split calls with work pinned between them
             r, _ = jax_ep.overlap(lambda: jax_ep.low_latency_dispatch_send(x, idx, **kw),
@@ -151,6 +151,30 @@ def test_low_latency_wide_rows_match_xla(transport, fp8, t):
     got = run_gpu(key + ("cuda",), _body("cuda", fp8, False, False, buffer=buf, m=WIDE_M), x, idx, w)
     want = run_oracle(key + ("xla",), _body("xla", fp8, False, False, m=WIDE_M), x, idx, w)
     assert_same(got, want, f"wide rows {transport} fp8={fp8} t={t}")
+
+
+# Many tokens per rank: a token's place among its expert's tokens comes from a
+# table per 32 tokens (built in shared memory) plus its own 32, or, where the
+# table does not fit (1,024 tokens of 256 experts), from all earlier tokens.
+_MANY = {}
+
+
+@pytest.mark.parametrize("t,e,kind", [(256, 64, "random"), (256, 64, "messy"), (1024, 256, "random")])
+def test_low_latency_many_tokens_match_xla(t, e, kind):
+    from harness import AXIS, gpu_mesh
+
+    n, h, k = num_ranks(), 128, 8
+    if (t, e) not in _MANY:
+        _MANY[(t, e)] = jax_ep.Buffer(gpu_mesh(), AXIS, hidden=h, max_tokens_per_rank=t, num_experts=e,
+                                      top_k=k, dtype=jnp.bfloat16, low_latency=True, name=f"many-{t}-{e}")
+    rng = np.random.default_rng(500 + t)
+    x = rng.standard_normal((n * t, h)).astype(jnp.bfloat16)
+    idx = routing(kind, n, t, k, e, seed=80 + t)
+    w = rng.random((n * t, k)).astype(np.float32)
+    key = ("llmany", t, e, kind)
+    got = run_gpu(key + ("cuda",), _body("cuda", True, False, False, buffer=_MANY[(t, e)], m=t, e=e), x, idx, w)
+    want = run_oracle(key + ("xla",), _body("xla", True, False, False, m=t, e=e), x, idx, w)
+    assert_same(got, want, f"many tokens t={t} e={e} {kind}")
 
 
 @pytest.mark.parametrize("transport", ["peer", "nvshmem"])
