@@ -150,7 +150,7 @@ __device__ __forceinline__ TokenRoute route_token(const int32_t* ids, int K, int
 // topk_idx ([n] ints) copied into this block's dynamic shared memory when the
 // launch gave it room (kIdsSmem bytes at most), else read where it is.
 constexpr size_t kIdsSmem = 32 * 1024;  // well inside the 48 KB a block has without opting in
-constexpr size_t kRankSmem = 48 * 1024;
+constexpr size_t kRankSmem = 48 * 1024;  // ids and the ranks' chunk table (stage_rank_prefix)
 __device__ __forceinline__ const int32_t* stage_ids(const int32_t* g, int n) {
   extern __shared__ int4 ids_smem[];
   unsigned room;
@@ -170,7 +170,7 @@ __device__ __forceinline__ bool token_has(const int32_t* ids, int K, int e) {
 }
 
 // Tokens per expert before each chunk of 32 tokens, in shared memory after the
-// staged topk_idx when the launch gave room (rank_smem_bytes): pre[c * E + e] =
+// staged topk_idx when the launch gave room (ids_smem_bytes): pre[c * E + e] =
 // the tokens before token 32 c that hold expert e (a token once, however often
 // it repeats e), so a token's rank scans its own chunk only. Every block builds
 // the whole table (a few thousand shared-memory adds); null without room or
