@@ -6,8 +6,8 @@
 #include <memory>
 
 #include "ffi_low_latency.h"
-#include "kernels/fp8_check.h"
 #include "ffi_normal.h"
+#include "kernels/fp8_check.h"
 #include "nvshmem_runtime.h"
 #include "runtime.h"
 

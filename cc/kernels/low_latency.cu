@@ -151,11 +151,14 @@ __device__ __forceinline__ TokenRoute route_token(const int32_t* ids, int K, int
 // launch gave it room (kIdsSmem bytes at most), else read where it is.
 constexpr size_t kIdsSmem = 32 * 1024;  // well inside the 48 KB a block has without opting in
 constexpr size_t kRankSmem = 48 * 1024;  // ids and the ranks' chunk table (stage_rank_prefix)
-__device__ __forceinline__ const int32_t* stage_ids(const int32_t* g, int n) {
-  extern __shared__ int4 ids_smem[];
+__device__ __forceinline__ unsigned dynamic_smem_bytes() {
   unsigned room;
   asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(room));
-  if (static_cast<size_t>(n) * sizeof(int32_t) > room) return g;
+  return room;
+}
+__device__ __forceinline__ const int32_t* stage_ids(const int32_t* g, int n) {
+  extern __shared__ int4 ids_smem[];
+  if (static_cast<size_t>(n) * sizeof(int32_t) > dynamic_smem_bytes()) return g;
   int32_t* sm = reinterpret_cast<int32_t*>(ids_smem);
   for (int i = threadIdx.x; i < n; i += blockDim.x) sm[i] = g[i];
   __syncthreads();
@@ -180,10 +183,9 @@ __host__ __device__ inline int rank_chunks(int T) { return (T + kRankChunk - 1) 
 __device__ __forceinline__ const int* stage_rank_prefix(const int32_t* ids, const int32_t* g, int T, int K,
                                                         int E) {
   extern __shared__ int4 ids_smem[];
-  unsigned room;
-  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(room));
   const int n = T * K, nch = rank_chunks(T);
-  if (ids == g || (static_cast<size_t>(n) + static_cast<size_t>(nch) * E) * sizeof(int) > room) return nullptr;
+  if (ids == g || (static_cast<size_t>(n) + static_cast<size_t>(nch) * E) * sizeof(int) > dynamic_smem_bytes())
+    return nullptr;
   int* pre = reinterpret_cast<int*>(ids_smem) + n;
   for (int i = threadIdx.x; i < nch * E; i += blockDim.x) pre[i] = 0;
   __syncthreads();
