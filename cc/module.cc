@@ -113,8 +113,12 @@ NB_MODULE(_ext, m) {
       "pointers).");
 
   m.def(
-      "ipc_handle", [](uint64_t id, int device) { return nb::bytes(state(id, device)->ipc_handle().data(), 64); },
-      "The CUDA IPC handle of the buffer's memory on this device.");
+      "ipc_handle",
+      [](uint64_t id, int device) {
+        const std::string h = state(id, device)->ipc_handle();
+        return nb::bytes(h.data(), h.size());
+      },
+      "The CUDA IPC handle of the buffer's memory on this device, then the GPU's UUID.");
 
   m.def(
       "connect",

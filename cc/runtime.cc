@@ -188,16 +188,22 @@ BufferState::~BufferState() {
 std::string BufferState::ipc_handle() const {
   cudaIpcMemHandle_t h;
   check_cuda(cudaIpcGetMemHandle(&h, base_), "cudaIpcGetMemHandle");
-  return std::string(reinterpret_cast<const char*>(&h), sizeof(h));
+  char gpu[16];
+  gpu_uuid(device_, gpu);
+  return std::string(reinterpret_cast<const char*>(&h), sizeof(h)) + std::string(gpu, sizeof(gpu));
 }
 
 void BufferState::connect(const std::vector<std::string>& handles,
                           const std::vector<BufferState*>& local) {
   DeviceGuard guard(device_);
+  char mine[16];
+  gpu_uuid(device_, mine);
+  bool shared = true;
   for (int r = 0; r < nranks_; ++r) {
     if (r == rank_) continue;
     if (r < static_cast<int>(local.size()) && local[r] != nullptr) {
       const int peer_dev = local[r]->device();
+      shared = shared && peer_dev == device_;
       if (peer_dev != device_) {
         int can = 0;
         check_cuda(cudaDeviceCanAccessPeer(&can, device_, peer_dev), "cudaDeviceCanAccessPeer");
@@ -211,10 +217,11 @@ void BufferState::connect(const std::vector<std::string>& handles,
       peers_[r] = local[r]->base();
       continue;
     }
-    if (r >= static_cast<int>(handles.size()) || handles[r].size() != sizeof(cudaIpcMemHandle_t))
+    if (r >= static_cast<int>(handles.size()) || handles[r].size() != sizeof(cudaIpcMemHandle_t) + sizeof(mine))
       throw std::invalid_argument("jax_ep: missing IPC handle of rank " + std::to_string(r));
     cudaIpcMemHandle_t h;
     std::memcpy(&h, handles[r].data(), sizeof(h));
+    shared = shared && std::memcmp(handles[r].data() + sizeof(h), mine, sizeof(mine)) == 0;
     void* p = nullptr;
     check_cuda(cudaIpcOpenMemHandle(&p, h, cudaIpcMemLazyEnablePeerAccess),
                "cudaIpcOpenMemHandle");
@@ -222,6 +229,7 @@ void BufferState::connect(const std::vector<std::string>& handles,
     opened_.push_back(static_cast<char*>(p));
     g_open_mappings.fetch_add(1);
   }
+  shares_gpu_ = shared;
   connected_ = true;
 }
 
@@ -380,6 +388,7 @@ CallCtx BufferState::ctx() const {
   c.nodes = num_nodes_;
   c.local_size = nranks_ / num_nodes_;
   c.window = window_ ? 1 : 0;
+  c.spread = shares_gpu_ ? 0 : 1;
   if (window_)
     for (int r = 0; r < nranks_; ++r) c.win_delta[r] = win_delta_[r];
   return c;

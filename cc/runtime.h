@@ -34,7 +34,8 @@ class BufferState {
   BufferState(const BufferState&) = delete;
   BufferState& operator=(const BufferState&) = delete;
 
-  // 64 bytes to hand to the other processes of the group.
+  // What to hand to the other processes of the group: the 64-byte IPC handle,
+  // then the GPU's 16-byte UUID.
   std::string ipc_handle() const;
   // Map the other ranks' memory: IPC handles (other processes) or, for ranks
   // driven by this process, their state's pointer directly (peer access).
@@ -65,6 +66,8 @@ class BufferState {
   int max_tokens() const { return max_tokens_; }
   char* base() const { return base_; }
   bool connected() const { return connected_; }
+  // Every rank connect() mapped is on this rank's GPU (processes sharing one GPU).
+  bool shares_gpu() const { return shares_gpu_; }
   int num_nodes() const { return num_nodes_; }
   bool on_my_node(int r) const { return r / (nranks_ / num_nodes_) == rank_ / (nranks_ / num_nodes_); }
   // Every rank the normal-mode kernels store into is reachable by loads and stores:
@@ -86,6 +89,7 @@ class BufferState {
   std::vector<char*> peers_;
   std::vector<char*> opened_;  // IPC mappings to close
   bool connected_ = false;
+  bool shares_gpu_ = false;
   struct Mapping {
     uint64_t va, size, handle;
   };

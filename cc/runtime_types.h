@@ -114,6 +114,7 @@ struct CallCtx {
   int transport;      // Transport
   int nodes;          // nodes of the EP group: ranks [n*local_size, (n+1)*local_size) are node n
   int local_size;     // ranks per node (nranks when nodes == 1)
+  int spread;         // ranks on other GPUs: walks over every rank interleave them (rank_token)
   // Windows: every rank of the group has mapped every other rank's XLA device
   // memory (another process's, by its VMM export), so a call may let receivers
   // read its XLA operands in place. Rank r's address p is p + win_delta[r] here.

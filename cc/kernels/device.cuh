@@ -256,6 +256,22 @@ __device__ __forceinline__ char* half_base(const CallCtx& c, int rank, uint32_t 
   return c.peers.base[rank] + (epoch & 1u) * c.off.half_bytes;
 }
 
+// The (rank, token) pair of a kernel's item-th piece of work when it walks the
+// T tokens of every rank to read from, or write to, each rank. With the ranks on
+// other GPUs (c.spread) the ranks are interleaved item by item, each rank
+// starting at its own, so that all ranks load every link at once: in rank-major
+// order every rank would read (or write) rank 0 first, and rank 0's links would
+// carry it all. Ranks sharing one GPU keep rank-major order (no links to
+// balance; each rank's rows are read in one stretch). Which warp does what
+// changes no result.
+struct RankToken {
+  int rank, t;
+};
+__device__ __forceinline__ RankToken rank_token(const CallCtx& c, int item, int T) {
+  if (!c.spread) return {item / T, item % T};
+  return {(item + c.rank) % c.nranks, item / c.nranks};
+}
+
 // ------------------------------------------------------------------ copies
 
 // Read-once data from another rank's staging: bypass L1 (and, unless disabled,

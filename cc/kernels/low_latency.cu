@@ -579,15 +579,20 @@ __global__ void __launch_bounds__(kThreads) ll_combine_send_kernel(LLCombineSend
   }
   const int units = s.H / kUnit;
   const __nv_bfloat16* eo = static_cast<const __nv_bfloat16*>(a.expert_out);
-  // A warp takes q consecutive slots at a time (as many as leave every warp
+  // A warp takes q slots of the walk at a time (as many as leave every warp
   // some, up to 32), one src_rows entry per lane in a single load (most slots
   // are empty), then copies the rows of the used ones, a 14 KB BF16 row in two steps.
   const int n = c.nranks * s.M * s.Kl, G = gridDim.x * kWarps, lane = lane_id();
   const int q = max(1, min(32, n / G));
+  // The walk's h-th slot (rank_token: source ranks interleaved across GPUs).
+  auto slot = [&](int h) {
+    const RankToken rt = rank_token(c, h, s.M * s.Kl);
+    return rt.rank * (s.M * s.Kl) + rt.t;
+  };
   for (int g0 = (blockIdx.x * kWarps + warp_id()) * q; g0 < n; g0 += G * q) {
-    const int mine = lane < q && g0 + lane < n ? a.src_rows[g0 + lane] : -1;  // [R, M, Kl]
+    const int mine = lane < q && g0 + lane < n ? a.src_rows[slot(g0 + lane)] : -1;  // [R, M, Kl]
     for (uint32_t used = __ballot_sync(0xffffffffu, mine >= 0); used != 0; used &= used - 1) {
-      const int l = __ffs(used) - 1, g = g0 + l;
+      const int l = __ffs(used) - 1, g = slot(g0 + l);
       const int row = __shfl_sync(0xffffffffu, mine, l);
       const int src = g / (s.M * s.Kl), t = (g / s.Kl) % s.M, i = g % s.Kl;
       const char* from = reinterpret_cast<const char*>(eo + static_cast<size_t>(row) * s.H);

@@ -587,8 +587,9 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(DispatchArgs a) {
   const int lane = lane_id();
   const int lo = c.rank * s.El;
   const int in_es = elem_bytes(a.in_dtype);
-  for (int g = blockIdx.x * kWarps + warp_id(); g < R * s.T; g += gridDim.x * kWarps) {
-    const int src = g / s.T, t = g % s.T;
+  for (int item = blockIdx.x * kWarps + warp_id(); item < R * s.T; item += gridDim.x * kWarps) {
+    const RankToken rt = rank_token(c, item, s.T);
+    const int src = rt.rank, t = rt.t, g = src * s.T + t;
     int pos = -1, e = -1;
     if (lane < s.Kr) {
       const int v = route_rank[static_cast<size_t>(g) * s.Kr + lane];
@@ -726,8 +727,9 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineArgs a) {
     }
     return;
   }
-  for (int g = blockIdx.x * kWarps + warp_id(); g < R * s.T; g += gridDim.x * kWarps) {
-    const int src = g / s.T, t = g % s.T;
+  for (int item = blockIdx.x * kWarps + warp_id(); item < R * s.T; item += gridDim.x * kWarps) {
+    const RankToken rt = rank_token(c, item, s.T);
+    const int src = rt.rank, t = rt.t, g = src * s.T + t;
     const int pos = lane < s.Kr ? a.src_rows[static_cast<size_t>(g) * s.Kr + lane] : -1;
     // No row of this token here: nothing to send (one rank: y is still written, as 0).
     if (!kLocal && !__any_sync(0xffffffffu, pos != -1)) continue;
@@ -1071,8 +1073,9 @@ __global__ void __launch_bounds__(kThreads) redispatch_kernel(RedispatchArgs a) 
   relay_rdma_flags(c, kPhaseRedispatchWait, epoch);
   wait_sources(c, kPhaseRedispatchWait, epoch);
   char* out = static_cast<char*>(a.rows);
-  for (int g = blockIdx.x * kWarps + warp_id(); g < R * s.T; g += gridDim.x * kWarps) {
-    const int src = g / s.T, t = g % s.T;
+  for (int item = blockIdx.x * kWarps + warp_id(); item < R * s.T; item += gridDim.x * kWarps) {
+    const RankToken rt = rank_token(c, item, s.T);
+    const int src = rt.rank, t = rt.t, g = src * s.T + t;
     const int pos = lane < s.Kr ? a.src_rows[static_cast<size_t>(g) * s.Kr + lane] : -1;
     const uint32_t valid = __ballot_sync(0xffffffffu, pos >= 0);
     if (!valid) continue;
