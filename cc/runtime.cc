@@ -101,7 +101,6 @@ const Driver& driver() {
 struct WindowRecord {
   int64_t pid, fd;
   uint64_t base, size;
-  char gpu[16];  // the device's UUID
 };
 
 void gpu_uuid(int device, char (&out)[16]) {
@@ -265,8 +264,7 @@ std::string BufferState::export_window(uint64_t ptr) {
   win_fd_ = fd;
   win_base_ = base;
   win_size_ = size;
-  WindowRecord rec{static_cast<int64_t>(getpid()), fd, base, size, {}};
-  gpu_uuid(device_, rec.gpu);
+  const WindowRecord rec{static_cast<int64_t>(getpid()), fd, base, size};
   return std::string(reinterpret_cast<const char*>(&rec), sizeof(rec));
 }
 
@@ -279,9 +277,6 @@ bool BufferState::import_windows(const std::vector<std::string>& records, std::s
     return false;
   }
   DeviceGuard guard(device_);
-  char mine[16];
-  gpu_uuid(device_, mine);
-  one_gpu_ = true;
   for (int r = 0; r < nranks_; ++r) {
     if (r == rank_) continue;
     if (r >= static_cast<int>(records.size()) || records[r].size() != sizeof(WindowRecord)) {
@@ -291,7 +286,6 @@ bool BufferState::import_windows(const std::vector<std::string>& records, std::s
     }
     WindowRecord rec;
     std::memcpy(&rec, records[r].data(), sizeof(rec));
-    one_gpu_ = one_gpu_ && std::memcmp(rec.gpu, mine, sizeof(mine)) == 0;
     // The descriptor lives in the other process: take a copy of it.
     const int pidfd = static_cast<int>(syscall(SYS_pidfd_open, static_cast<pid_t>(rec.pid), 0));
     const int fd = pidfd < 0 ? -1 : static_cast<int>(syscall(SYS_pidfd_getfd, pidfd, static_cast<int>(rec.fd), 0));

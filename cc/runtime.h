@@ -51,8 +51,9 @@ class BufferState {
   bool import_windows(const std::vector<std::string>& records, std::string* why);
   void enable_window(bool on);
   bool window_on() const { return window_; }
-  // Every rank of the group runs on this rank's GPU (processes sharing one GPU).
-  bool one_gpu() const { return window_ && one_gpu_; }
+  // Windows are on and every rank of the group runs on this rank's GPU
+  // (processes sharing one GPU, as connect() found).
+  bool one_gpu() const { return window_ && shares_gpu_; }
   // [p, p + bytes) lies in this rank's exported allocation (null with 0 bytes does).
   bool in_window(const void* p, size_t bytes) const;
 
@@ -66,8 +67,6 @@ class BufferState {
   int max_tokens() const { return max_tokens_; }
   char* base() const { return base_; }
   bool connected() const { return connected_; }
-  // Every rank connect() mapped is on this rank's GPU (processes sharing one GPU).
-  bool shares_gpu() const { return shares_gpu_; }
   int num_nodes() const { return num_nodes_; }
   bool on_my_node(int r) const { return r / (nranks_ / num_nodes_) == rank_ / (nranks_ / num_nodes_); }
   // Every rank the normal-mode kernels store into is reachable by loads and stores:
@@ -89,7 +88,7 @@ class BufferState {
   std::vector<char*> peers_;
   std::vector<char*> opened_;  // IPC mappings to close
   bool connected_ = false;
-  bool shares_gpu_ = false;
+  bool shares_gpu_ = false;  // every rank connect() mapped is on this rank's GPU
   struct Mapping {
     uint64_t va, size, handle;
   };
@@ -99,7 +98,6 @@ class BufferState {
   std::vector<Mapping> win_maps_;  // the peers' allocations mapped here
   std::vector<int64_t> win_delta_;
   bool window_ = false;
-  bool one_gpu_ = false;
   FaultRecord* fault_host_ = nullptr;
   FaultRecord* fault_dev_ = nullptr;
   std::atomic<bool> stop_{false};
