@@ -70,6 +70,17 @@ default, or trace) for the table's µs column (`--timer wall`: wall alone):
   processes; it includes the host launch overhead (tens of µs). `--timer wall`
   uses it alone (nothing extra to compile).
 
+Alignment (`--align`, on by default wherever several ranks run the cuda kernels):
+each timed call follows a device barrier across the ranks, `jax_ep.all_reduce` of 4
+floats on a Buffer of its own, so that no rank's call starts before every rank has
+reached it. The host barrier does not line up the GPUs, and XLA's while loop syncs
+with the host every iteration, so without it a call of one process also measures how
+much later the slowest process launched (DeepEP's test launches its calls back to back
+and never sees that skew). The loop timer runs the barrier in the empty loop too; the
+trace timer's span starts where the barrier's last kernel (`all_reduce_sum`) ends on
+the first of the process's GPUs; the wall timer times the call alone. Rows say
+`aligned`.
+
 `--warmup` calls (>= 20) precede all, then `--iters` (>= 50) samples are taken; each
 loop sample is the mean of `--reps` calls. With several processes the time of an
 iteration is the slowest process's. The table gives the median and [p10-p90].
@@ -99,8 +110,11 @@ Limits (BENCHMARKS.md "Limits on one GPU")
   count(topk_idx != -1) x message; GB/s = bytes / s; "copy" = the ratio to a copy
   of the same bytes per rank, timed the same way on every rank at once. Rows:
   dispatch, combine (repeated on one dispatch's handle; `--no-combine-alone` skips
-  it) and the round trip (dispatch, FP8 -> BF16 of the received rows, combine),
-  whose bytes and limits are the sums of the two.
+  it) and the round trip (the dispatch, then the combine on its handle), whose
+  bytes and limits are the sums of the two. The round trip's check runs the whole
+  step (dispatch, FP8 -> BF16 of the received rows, combine); its timing gives
+  the combine expert rows converted beforehand, since that conversion of the whole
+  padded output ([E/R, R*T, H]) is XLA's work and took milliseconds at 16 SMs.
 
 Ratios are "x of the limit" (limit time / measured time, <= 1) for roofline and
 staging, and speed-ups (other time / this time, > 1 is faster) for xla and sort.
@@ -142,6 +156,7 @@ DEFAULT_SMS_PER_GPU = 132
 LL_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 KV_TIMEOUT_S = 900.0  # ranks wait for each other at most this long (compiles included)
 TIMERS = ("loop", "trace", "wall")
+ALIGN_KERNEL = "all_reduce_sum"  # the kernel that ends the device barrier of --align device
 TRACE_IDLE_S = 0.002  # trace timer: host sleep after each call (and flush), an idle gap on the GPU
 TRACE_GAP_US = 500.0  # trace timer: a longer idle gap between GPU events separates two calls
 
@@ -607,10 +622,31 @@ def trace_clusters(events: Sequence[dict], calls: Optional[int] = None, *, gap_u
 
 
 def trace_spans(events: Sequence[dict], calls: Optional[int] = None, *, gap_us: float = TRACE_GAP_US,
-                every: int = 1) -> List[float]:
+                every: int = 1, after: Optional[str] = None) -> List[float]:
     """Spans in µs (last end minus first start) of the calls' clusters of GPU work
-    (`trace_clusters`)."""
-    return [end - start for start, end in trace_clusters(events, calls, gap_us=gap_us, every=every)]
+    (`trace_clusters`); with `after`, from the end of the marker kernels instead
+    (`after_marker`)."""
+    clusters = trace_clusters(events, calls, gap_us=gap_us, every=every)
+    if after is not None:
+        clusters = after_marker(events, clusters, after)
+    return [end - start for start, end in clusters]
+
+
+def after_marker(events: Sequence[dict], clusters: Sequence[Tuple[float, float]],
+                 marker: str) -> List[Tuple[float, float]]:
+    """Each cluster from the earliest end of its GPU events whose name holds `marker`
+    (the device barrier that precedes an aligned call: with several GPUs in the
+    process, the first moment one of them may start the call) to its end. A cluster
+    without such an event is an error: the barrier did not run."""
+    gpu = _gpu_events(events)
+    out = []
+    for start, end in clusters:
+        ends = [e for s, e, n in gpu if s >= start and e <= end and marker in n]
+        if not ends:
+            raise RuntimeError(f"a call's GPU work in the profiler trace has no kernel named like "
+                               f"{marker!r} (the device barrier before each aligned call)")
+        out.append((min(ends), end))
+    return out
 
 
 def call_kernels(events: Sequence[dict], clusters: Sequence[Tuple[float, float]]) -> List[Dict[str, Any]]:
@@ -661,11 +697,32 @@ class Timer:
         self.one = put_ranks(job, lambda r: np.ones((), jnp.bfloat16))
         self._flush = sharded(job, lambda sc, one: sc * one)
         self._empty: Dict[Any, Callable] = {}
+        self._aligned: Dict[Any, Callable] = {}
+        # A device barrier before each timed call (`set_align`): per-rank args -> args.
+        self.align: Optional[Callable] = None
+
+    def set_align(self, pre: Optional[Callable]) -> None:
+        """Time every later call right after `pre` (a barrier across the ranks run on
+        the GPUs, which passes its arguments through), so that no rank's call starts
+        before every rank has reached it: the loop timer's programs run it before the
+        call (the empty program too), and the trace timer's span starts where its
+        kernels (named like ALIGN_KERNEL) end. The wall timer times the call alone."""
+        self.align = pre
+        self._aligned.clear()
+
+    def _with_align(self, op: Callable) -> Callable:
+        if self.align is None:
+            return op
+        fn = self._aligned.get(op)
+        if fn is None:
+            pre = self.align
+            fn = self._aligned[op] = lambda *args: op(*pre(args))
+        return fn
 
     # -- programs
 
     @staticmethod
-    def loop_body(op: Optional[Callable], reps: int, flush: bool):
+    def loop_body(op: Optional[Callable], reps: int, flush: bool, pre: Optional[Callable] = None):
         """Per-rank program: `reps` calls of `op`, one after another.
 
         Arguments: (ins, scratch, one, acc). The loop carries the inputs, the flush
@@ -674,7 +731,9 @@ class Timer:
         them. Every call's result feeds the carry, so
         none can be removed, and `lax.optimization_barrier` keeps each call's inputs
         from being hoisted out of the loop or merged with another call's. `op=None`
-        is the same loop without the call (the baseline subtracted).
+        is the same loop without the call (the baseline subtracted). `pre` (args ->
+        args, the device barrier of `Timer.set_align`) runs before each call, and in
+        the loop without the call too.
         """
         from jax import lax
 
@@ -686,6 +745,8 @@ class Timer:
                 if flush:
                     sc = sc * one
                 args, sc = lax.optimization_barrier((args, sc))
+                if pre is not None:
+                    args = tuple(pre(args))
                 if op is not None:
                     last = like_inputs(op(*args), args)
                     args, sc, last = lax.optimization_barrier((args, sc, last))
@@ -700,13 +761,13 @@ class Timer:
     def _programs(self, op, ins, flush):
         import jax
 
-        loop = sharded(self.job, self.loop_body(op, self.reps, flush), donate=(1, 3))
+        loop = sharded(self.job, self.loop_body(op, self.reps, flush, self.align), donate=(1, 3))
         key = (jax.tree.structure(ins),
                tuple((tuple(v.shape), str(v.dtype)) for v in jax.tree.leaves(ins)), flush,
-               jax.tree.structure(self._acc_shape(op, ins)))
+               jax.tree.structure(self._acc_shape(op, ins)), id(self.align))
         empty = self._empty.get(key)
         if empty is None:
-            empty = self._empty[key] = sharded(self.job, self.loop_body(None, self.reps, flush),
+            empty = self._empty[key] = sharded(self.job, self.loop_body(None, self.reps, flush, self.align),
                                                donate=(1, 3))
         return loop, empty
 
@@ -741,7 +802,7 @@ class Timer:
         return out
 
     def traced(self, call: Callable, n: int, name: str, flush: Optional[Callable] = None,
-               sync: bool = True) -> List[float]:
+               sync: bool = True, after: Optional[str] = None) -> List[float]:
         """Seconds of GPU work of each of `n` calls, from one profiler trace (the
         trace timer); the flushes and calls are parted by host sleeps. A process
         whose trace or call fails still takes part in every barrier (it skips the
@@ -782,12 +843,15 @@ class Timer:
             events = load_trace_events(d)
         every = 2 if flush is not None else 1
         if self.kernels and self.job.main:
-            rows = call_kernels(events, trace_clusters(events, n, every=every))
+            clusters = trace_clusters(events, n, every=every)
+            if after is not None:
+                clusters = after_marker(events, clusters, after)
+            rows = call_kernels(events, clusters)
             lines = [f"  {'+' + format(r['start_us'], '.1f') if r['start_us'] is not None else '':>9} "
                      f"{r['us']:9.1f} µs  {r['name'][:100]}" for r in rows]
             print(f"kernels of {name} (process {self.job.pid}, median of {rows[-1]['calls'] if rows else 0} "
                   "calls; start, time):\n" + "\n".join(lines), file=sys.stderr, flush=True)
-        return [us * 1e-6 for us in trace_spans(events, n, every=every)]
+        return [us * 1e-6 for us in trace_spans(events, n, every=every, after=after)]
 
     def _slowest(self, name: str, samples: List[float]) -> List[float]:
         parts = self.job.kv.gather(name, samples)
@@ -796,7 +860,8 @@ class Timer:
     def measure(self, name: str, op: Callable, ins: tuple, *, flush: bool) -> Dict[str, Any]:
         """The wall timer and `kind`'s for the per-rank `op(*ins)`; `ins` are lifted
         global arrays. Returns {"primary": kind, "us": the table's stats, "wall": the
-        wall stats, "empty_loop_us": the loop timer's baseline per call or None}."""
+        wall stats, "empty_loop_us": the loop timer's baseline per call or None, "aligned":
+        whether the device barrier of `set_align` preceded each timed call}."""
         import jax
 
         ins = tuple(ins)
@@ -809,12 +874,18 @@ class Timer:
         wall = self._samples(call, self.iters, name + "/wall", flush_call)
         wall_stats = stats_us(self._slowest(name + "/gw", wall))
         if self.kind == "wall":
-            return {"primary": "wall", "us": wall_stats, "wall": wall_stats, "empty_loop_us": None}
+            return {"primary": "wall", "us": wall_stats, "wall": wall_stats, "empty_loop_us": None,
+                    "aligned": False}
         if self.kind == "trace":
             # Every process learns of a failed trace, so none waits for the others' spans.
             err: Optional[BaseException] = None
+            traced_call, after = call, None
+            if self.align is not None:
+                aligned = sharded(self.job, self._with_align(op))
+                traced_call, after = (lambda: aligned(*ins)), ALIGN_KERNEL
+                self._samples(traced_call, self.warmup, name + "/awarm", flush_call)
             try:
-                spans = self.traced(call, self.iters, name + "/trace", flush_call)
+                spans = self.traced(traced_call, self.iters, name + "/trace", flush_call, after=after)
             except Exception as e:  # noqa: BLE001
                 spans, err = [], e
             why = "" if err is None else f"process {self.job.pid}: {type(err).__name__}: {err}"
@@ -824,7 +895,7 @@ class Timer:
             if errs:
                 raise RuntimeError(errs[0])
             return {"primary": "trace", "us": stats_us(self._slowest(name + "/gt", spans)),
-                    "wall": wall_stats, "empty_loop_us": None}
+                    "wall": wall_stats, "empty_loop_us": None, "aligned": self.align is not None}
         # loop: the call `reps` times in one program, minus the same program without it.
         loop, empty = self._programs(op, ins, flush)
         state = {"acc": self.zeros_like_out(op, ins), "sc": jax.numpy.copy(scratch)}
@@ -847,7 +918,7 @@ class Timer:
         del state
         per_call = [max(t - base, 0.0) / self.reps for t in loops]
         return {"primary": "loop", "us": stats_us(self._slowest(name + "/gl", per_call)),
-                "wall": wall_stats, "empty_loop_us": base * 1e6 / self.reps}
+                "wall": wall_stats, "empty_loop_us": base * 1e6 / self.reps, "aligned": self.align is not None}
 
     def local(self, call: Callable, n_warm: int, n: int) -> List[float]:
         """Wall samples of a call on this process only (no barriers)."""
@@ -1028,7 +1099,7 @@ ROW_FIELDS = (
     "vs_xla", "vs_sort", "deepep_us", "deepep_gbps", "vs_deepep", "check", "note",
     "x_copy", "copy_us", "bytes_per_rank", "link_us", "x_link", "zero_padding",
     "nodes", "rdma_bytes", "rdma_min_bytes", "nvlink_bytes", "rdma_gbps", "nvlink_gbps",
-    "windows", "design_bytes", "design_us", "x_design",
+    "windows", "design_bytes", "design_us", "x_design", "aligned",
 )
 
 COLUMNS = [
@@ -1259,7 +1330,7 @@ class Run:
         row.update(us=m["us"]["median"], us_p10=m["us"]["p10"], us_p90=m["us"]["p90"],
                    us_wall=m["wall"]["median"], us_wall_p10=m["wall"]["p10"],
                    us_wall_p90=m["wall"]["p90"], empty_loop_us=m["empty_loop_us"],
-                   samples=m["us"]["n"], timer=m["primary"])
+                   samples=m["us"]["n"], timer=m["primary"], aligned=m["aligned"])
         return row
 
     def machine(self) -> dict:
@@ -1408,6 +1479,48 @@ def _bench_buffer(run: "Run", job: Job, *, T: int, H: int, E: int, K: int, low_l
     return buf, None
 
 
+def _start_align(run: "Run", job: Job, cuda_ok: bool):
+    """`--align`: a device barrier before each timed call (`Timer.set_align`), made of
+    `jax_ep.all_reduce` of 4 floats on a small Buffer of its own (one SM), wherever
+    several ranks run and the cuda kernels can (auto, device); none: never. Returns
+    that Buffer (closed at the end) or None."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    import jax_ep
+
+    from .vma import like_inputs
+
+    want = run.args.align
+    if want == "auto":
+        want = "device"
+    if want == "none" or job.R == 1:
+        return None
+    if not cuda_ok or job.platform != "gpu":
+        run.notes.append("--align device needs the cuda kernels on GPUs; calls are not aligned")
+        return None
+    try:
+        buf = jax_ep.Buffer(job.mesh, EP, hidden=128, max_tokens_per_rank=128, num_experts=job.R, top_k=1,
+                            dtype=jnp.bfloat16, name="jax_ep_bench_align")
+    except Exception as e:  # noqa: BLE001
+        run.notes.append(f"--align: no barrier Buffer ({run.error('jax_ep.Buffer (align)', e)}); "
+                         "calls are not aligned")
+        return None
+    cfg = jax_ep.Config(num_sms=1)
+
+    def pre(args):
+        s = jax_ep.all_reduce(like_inputs(jnp.zeros((4,), jnp.float32), *args), axis_name=EP, buffer=buf,
+                              config=cfg, backend="cuda")
+        args, _ = lax.optimization_barrier((tuple(args), s))
+        return args
+
+    run.timer.set_align(pre)
+    run.notes.append("each timed call follows a device barrier across the ranks (jax_ep.all_reduce of 4 "
+                     "floats, --align device): the loop timer runs it in the empty loop too, the trace "
+                     "timer's span starts where it ends; µs wall times the call alone")
+    return buf
+
+
 def _start_nvshmem(run: "Run", R: int, H: int, E: int, K: int, T: int, *, low_latency: bool = True,
                    num_nodes: int = 1):
     """NVSHMEM with a heap that holds the largest Buffer: (True, None) or (False, why)."""
@@ -1488,6 +1601,7 @@ def run_normal(args) -> int:
     if transport == "nvshmem" and "cuda" in run.backends and cuda_ok:
         cuda_ok, cuda_why = _start_nvshmem(run, R, H, E, K, max(_ints(args.tokens)), low_latency=False,
                                            num_nodes=args.nodes)
+    align_buf = _start_align(run, job, cuda_ok)
 
     for T in _ints(args.tokens):
         routing = make_routing(args.routing, args.seed, R, T, E, K, args.zipf_s)
@@ -1519,6 +1633,7 @@ def run_normal(args) -> int:
         job.kv.barrier("close")
         _close(buf)
         del x, idx, w
+    _close(align_buf)
     _fill_ratios(run.rows)
     if args.routing != "uniform" and any(r.get("deepep_us") for r in run.rows):
         run.notes.append("DeepEP's figures come from its test's uniform random routing; its ratio here is "
@@ -1828,6 +1943,7 @@ def run_low_latency(args) -> int:
     if args.transport == "nvshmem" and "cuda" in run.backends and cuda_ok:
         cuda_ok, cuda_why = _start_nvshmem(run, R, H, E, K, max(_ints(args.tokens)))
         run.notes.append("low-latency kernels over NVSHMEM (puts and signals on symmetric memory)")
+    align_buf = _start_align(run, job, cuda_ok)
     for T in _ints(args.tokens):
         routing = make_routing(args.routing, args.seed, R, T, E, K, args.zipf_s)
         shape = dict(tokens=T, hidden=H, top_k=K, experts=E)
@@ -1936,6 +2052,16 @@ def run_low_latency(args) -> int:
                 return jax_ep.low_latency_combine(ex, iv, wv, h)
             return op
 
+        def timed_round_trip_op(backend, dtype):
+            # What is timed: the dispatch, then the combine on its handle, of expert rows
+            # converted to BF16 beforehand (the conversion of the whole padded output,
+            # [E/R, R*T, H], is XLA's work, milliseconds on a share of the SMs).
+            op = disp_op(backend, dtype)
+
+            def timed(xv, iv, wv, ev):
+                return jax_ep.low_latency_combine(ev, iv, wv, op(xv, iv).handle)
+            return timed
+
         comb_op = lambda ex, iv, wv, h: jax_ep.low_latency_combine(ex, iv, wv, h)  # noqa: E731
         ll_ref: Dict[Any, Any] = {}
 
@@ -1970,7 +2096,10 @@ def run_low_latency(args) -> int:
                         else:
                             row["check"] = _check_against(run, job, args, ll_ref, ("round trip", dtype), y, xla_ok)
                         del y
-                        row = run.timed_row(row, name, op, (x, idx, w), flush=False)
+                        ev, _ = sharded(job, producer(backend, dtype))(x, idx)
+                        row = run.timed_row(row, name, timed_round_trip_op(backend, dtype), (x, idx, w, ev),
+                                            flush=False)
+                        del ev
                     else:
                         src_dtype = dtypes[0]
                         ex, h = sharded(job, producer(backend, src_dtype))(x, idx)
@@ -1990,6 +2119,7 @@ def run_low_latency(args) -> int:
         _close(buf)
         del x, idx, w
 
+    _close(align_buf)
     _fill_ratios(run.rows)
     header.append(f"routing {args.routing} (seed {args.seed}); message bytes: fp8 {ll_message_bytes(H, True)}, "
                   f"bf16 {ll_message_bytes(H, False)}; x copy = a copy of the same bytes per rank, timed alike")
@@ -2024,6 +2154,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="loop: device-side loop timer (µs) and wall clock (µs wall); trace: the "
                             "span of each call's GPU work in a profiler trace (µs) and wall clock; "
                             "wall: the wall clock only (no loop programs to compile)")
+        s.add_argument("--align", choices=("auto", "device", "none"), default="auto",
+                       help="a device barrier across the ranks before each timed call, so that no "
+                            "rank's call starts before every rank reached it (auto, device: with "
+                            "several ranks, where the cuda kernels run; the host barrier alone does "
+                            "not line up the GPUs)")
         s.add_argument("--kernels", action="store_true",
                        help="with --timer trace: print each measurement's GPU kernels (start in the call, "
                             "time; medians) and the idle time inside the call")

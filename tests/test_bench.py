@@ -437,7 +437,7 @@ def test_cli_trace_timer_with_stand_in_gpu_events(tmp_path, capsys, monkeypatch)
         job.platform = "gpu"  # past the check at start-up; the cuda rows say n/a (no extension)
         return job
 
-    def trace_spans(events, calls=None, *, gap_us=bench.TRACE_GAP_US, every=1):
+    def trace_spans(events, calls=None, *, gap_us=bench.TRACE_GAP_US, every=1, after=None):
         assert any(e.get("ph") == "M" for e in events)  # the real trace, loaded
         seen.append((calls, every))
         fake = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}}]
@@ -447,6 +447,7 @@ def test_cli_trace_timer_with_stand_in_gpu_events(tmp_path, capsys, monkeypatch)
                 fake.append({"ph": "X", "pid": 1, "ts": t, "dur": 300.0})
             fake += [{"ph": "X", "pid": 1, "ts": t + 3000.0, "dur": 5.0},
                      {"ph": "X", "pid": 1, "ts": t + 3010.0, "dur": 2.0}]
+        assert after is None
         return real_spans(fake + list(events), calls, gap_us=gap_us, every=every)
 
     monkeypatch.setattr(bench, "make_job", make_job)
@@ -474,6 +475,92 @@ def test_cli_trace_timer_with_stand_in_gpu_events(tmp_path, capsys, monkeypatch)
     assert {r["direction"] for r in rows} == {"dispatch", "combine"}
     assert all(r["timer"] == "trace" and r["us"] == pytest.approx(12.0) for r in rows)
     assert (2, 2) in seen  # the L2 flush before every call: flush and call in turn
+
+
+def test_trace_spans_after_the_device_barrier():
+    events = [_meta(1, "/device:GPU:0"), _meta(2, "/device:GPU:1")]
+    for c in range(3):  # per call: the barrier's two kernels on each GPU, then the call
+        t = 20_000.0 * c
+        events += [_ev(1, t, 3.0, "all_reduce_stage_kernel"), _ev(1, t + 3.0, 40.0 + c, "all_reduce_sum_kernel"),
+                   _ev(2, t + 1.0, 2.0, "all_reduce_stage_kernel"), _ev(2, t + 4.0, 30.0, "all_reduce_sum_kernel"),
+                   _ev(1, t + 45.0 + c, 10.0, "send"), _ev(2, t + 36.0, 25.0, "recv")]
+    # from the earlier barrier end (GPU 1: 34) to the last end (61)
+    assert bench.trace_spans(events, 3) == pytest.approx([61.0, 61.0, 61.0])
+    assert bench.trace_spans(events, 3, after=bench.ALIGN_KERNEL) == pytest.approx([27.0, 27.0, 27.0])
+    clusters = bench.after_marker(events, bench.trace_clusters(events, 3), bench.ALIGN_KERNEL)
+    rows = bench.call_kernels(events, clusters)
+    assert [r["name"] for r in rows] == ["recv", "send", "(idle inside the call)"]  # the barrier left out
+    with pytest.raises(RuntimeError, match="no kernel named like 'all_reduce_sum'"):
+        bench.trace_spans([e for e in events if "all_reduce" not in e.get("name", "")] + [_meta(1, "/device:GPU:0")],
+                          3, after=bench.ALIGN_KERNEL)
+
+
+def test_loop_body_runs_the_barrier_before_every_call():
+    import jax
+    import jax.numpy as jnp
+
+    seen = []
+
+    def pre(args):  # stands in for the device barrier: marks the args it passes through
+        seen.append(len(args))
+        return tuple(a + 1 for a in args)
+
+    op = lambda a: a * 2  # noqa: E731
+    for fn, want in ((op, 2 * 3), (None, 0)):
+        prog = jax.jit(bench.Timer.loop_body(fn, 3, False, pre))
+        sc, last = prog((jnp.zeros((2,)),), jnp.zeros((4,)), jnp.ones(()), jnp.zeros((2,)))
+        # three iterations, each one barrier (+1) and then the call on its output
+        assert float(last[0]) == want
+    assert seen == [1, 1]  # traced once per program
+
+
+def test_cli_align_device_with_a_stand_in_barrier(tmp_path, capsys, monkeypatch):
+    """--align device on the trace timer: the span starts where the barrier's kernel ends
+    (made-up GPU events: a 50 µs barrier, then a 12 µs call)."""
+    real_job, real_spans = bench.make_job, bench.trace_spans
+    aligned = []
+
+    def make_job(devices_arg=None):
+        job = real_job(devices_arg)
+        job.platform = "gpu"
+        return job
+
+    def start_align(run, job, cuda_ok):
+        assert run.args.align == "device"
+        run.timer.set_align(lambda args: (aligned.append(job.R), args)[1])
+        return None
+
+    def trace_spans(events, calls=None, *, gap_us=bench.TRACE_GAP_US, every=1, after=None):
+        fake = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}}]
+        for c in range(calls):
+            t = 10_000.0 * c
+            if after is not None:
+                fake.append({"ph": "X", "pid": 1, "ts": t + 2950.0, "dur": 50.0, "name": "all_reduce_sum_kernel"})
+            fake += [{"ph": "X", "pid": 1, "ts": t + 3000.0, "dur": 12.0, "name": "k"}]
+        return real_spans(fake, calls, gap_us=gap_us, every=every, after=after)
+
+    monkeypatch.setattr(bench, "make_job", make_job)
+    monkeypatch.setattr(bench, "_start_align", start_align)
+    monkeypatch.setattr(bench, "trace_spans", trace_spans)
+    js = tmp_path / "a.json"
+    rc = bench.main(["low-latency", "--devices", "1", "--tokens", "4", "--hidden", "128", "--experts", "8",
+                     "--top-k", "2", "--backends", "xla", "--timer", "trace", "--align", "device", *FAST,
+                     "--json", str(js)])
+    assert rc == 0, capsys.readouterr().out
+    rows = _load(js)["rows"]
+    assert rows and all(r["aligned"] and r["us"] == pytest.approx(12.0) for r in rows)
+    assert aligned and set(aligned) == {1}
+
+
+def test_align_needs_the_kernels(tmp_path, capsys):
+    js = tmp_path / "n.json"
+    rc = bench.main(["low-latency", "--devices", "4", "--tokens", "4", "--hidden", "128", "--experts", "8",
+                     "--top-k", "2", "--backends", "xla", "--timer", "wall", "--align", "device", *FAST,
+                     "--json", str(js)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "--align device needs the cuda kernels on GPUs" in out
+    assert all(r["aligned"] is False for r in _load(js)["rows"])
 
 
 def test_deepep_figures_only_for_the_same_setting():
