@@ -1497,7 +1497,8 @@ def _start_align(run: "Run", job: Job, cuda_ok: bool):
     if want == "none" or job.R == 1:
         return None
     if not cuda_ok or job.platform != "gpu":
-        run.notes.append("--align device needs the cuda kernels on GPUs; calls are not aligned")
+        if run.args.align == "device":  # asked for; auto passes quietly
+            run.notes.append("--align device needs the cuda kernels on GPUs; calls are not aligned")
         return None
     try:
         buf = jax_ep.Buffer(job.mesh, EP, hidden=128, max_tokens_per_rank=128, num_experts=job.R, top_k=1,

@@ -565,6 +565,8 @@ def search(plan: Plan, *, results: Optional[str], plot: Optional[str], devices: 
                          "`backend: xla` runs the pipeline on any platform")
     run = bench.Run(args, job)
     run.notes += notes
+    # calls timed after a device barrier across the ranks, as the bench times them
+    align_buf = bench._start_align(run, job, job.platform == "gpu" and job.cuda_runs()[0])
     xla_ok, xla_why = job.xla_runs
     multi_gpu = not job.shared_gpu and R > 1
     cands = {(w.name, k): candidates(w.search[k], job.sm_cap) for w in work for k in w.search}
@@ -581,6 +583,7 @@ def search(plan: Plan, *, results: Optional[str], plot: Optional[str], devices: 
                                jax_ep, jnp, bench)
     finally:
         bar.close()
+        bench._close(align_buf)
     best = select(run.rows)
     for r in run.rows:
         g = (r.get("tune_key"), r.get("direction"))
