@@ -1500,6 +1500,12 @@ def _start_align(run: "Run", job: Job, cuda_ok: bool):
         if run.args.align == "device":  # asked for; auto passes quietly
             run.notes.append("--align device needs the cuda kernels on GPUs; calls are not aligned")
         return None
+    # The barrier's Buffer reaches its peers by pointers: one host only (every process
+    # learns the same, so all skip it together).
+    if len(set(job.kv.gather("align/host", socket.gethostname()))) > 1:
+        run.notes.append("--align: the processes span several hosts, where the barrier's Buffer cannot "
+                         "reach its peers; calls are not aligned")
+        return None
     try:
         buf = jax_ep.Buffer(job.mesh, EP, hidden=128, max_tokens_per_rank=128, num_experts=job.R, top_k=1,
                             dtype=jnp.bfloat16, name="jax_ep_bench_align")
@@ -1534,6 +1540,14 @@ def _start_nvshmem(run: "Run", R: int, H: int, E: int, K: int, T: int, *, low_la
     except Exception as e:  # noqa: BLE001
         return False, run.error("jax_ep.nvshmem.initialize", e)
     return True, None
+
+
+def _token_order(tokens: str, nvshmem: bool) -> List[int]:
+    """The token counts in the order their Buffers are made: the largest first over
+    NVSHMEM, whose heap keeps the memory of freed Buffers, so that each later Buffer
+    fits where the first one was (the rows are sorted for the table either way)."""
+    ts = _ints(tokens)
+    return sorted(ts, reverse=True) if nvshmem else ts
 
 
 def _close(buf) -> None:
@@ -1604,7 +1618,7 @@ def run_normal(args) -> int:
                                            num_nodes=args.nodes)
     align_buf = _start_align(run, job, cuda_ok)
 
-    for T in _ints(args.tokens):
+    for T in _token_order(args.tokens, transport == "nvshmem"):
         routing = make_routing(args.routing, args.seed, R, T, E, K, args.zipf_s)
         shape = dict(tokens=T, hidden=H, top_k=K, experts=E)
         header.append(
@@ -1945,7 +1959,7 @@ def run_low_latency(args) -> int:
         cuda_ok, cuda_why = _start_nvshmem(run, R, H, E, K, max(_ints(args.tokens)))
         run.notes.append("low-latency kernels over NVSHMEM (puts and signals on symmetric memory)")
     align_buf = _start_align(run, job, cuda_ok)
-    for T in _ints(args.tokens):
+    for T in _token_order(args.tokens, args.transport == "nvshmem"):
         routing = make_routing(args.routing, args.seed, R, T, E, K, args.zipf_s)
         shape = dict(tokens=T, hidden=H, top_k=K, experts=E)
         x, idx, w = _rank_inputs(job, routing, T, H, args.seed)

@@ -563,6 +563,27 @@ def test_align_needs_the_kernels(tmp_path, capsys):
     assert all(r["aligned"] is False for r in _load(js)["rows"])
 
 
+def test_align_skips_a_job_over_several_hosts():
+    from types import SimpleNamespace
+
+    hosts = iter([["a", "b"], ["a", "a"]])
+    job = SimpleNamespace(R=2, platform="gpu", kv=SimpleNamespace(gather=lambda name, obj: next(hosts)))
+    run = SimpleNamespace(args=SimpleNamespace(align="auto"), notes=[])
+    assert bench._start_align(run, job, True) is None
+    assert "span several hosts" in run.notes[0]
+    # one host: on to the barrier's Buffer (here no mesh to make it on: a note, no barrier)
+    run.notes.clear()
+    run.error = lambda what, e: f"error: {type(e).__name__}"
+    job.mesh = None
+    assert bench._start_align(run, job, True) is None
+    assert run.notes and "no barrier Buffer" in run.notes[0]
+
+
+def test_token_order_largest_buffer_first_over_nvshmem():
+    assert bench._token_order("1,128,256", False) == [1, 128, 256]
+    assert bench._token_order("1,128,256", True) == [256, 128, 1]
+
+
 def test_deepep_figures_only_for_the_same_setting():
     from types import SimpleNamespace
 
