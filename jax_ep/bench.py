@@ -61,10 +61,10 @@ default, or trace) for the table's µs column (`--timer wall`: wall alone):
   kernels counts but none before or after. Another number of clusters than calls
   is an error, and so is a trace without GPU events: the profiler must see the GPU
   (CUPTI), which it may not with several processes on one GPU (MPS); on CPU the
-  bench stops at once. With several processes a span also holds the time a
-  receive waits for a peer that launched later (the host barrier does not line up
-  the GPUs): the spread then grows with the launch skew, and the loop timer, which
-  keeps every rank's GPU busy back to back, is the steadier measure.
+  bench stops at once. With several processes and `--align none` a span also holds
+  the time a receive waits for a peer that launched later (the host barrier does not
+  line up the GPUs), and the spread grows with the launch skew; the device barrier of
+  `--align` (below) removes that.
 - wall: one call per sample, wall clock around the dispatch and
   `jax.block_until_ready`, after the L2 flush (normal mode) and a barrier across
   processes; it includes the host launch overhead (tens of µs). `--timer wall`
