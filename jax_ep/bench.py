@@ -73,10 +73,11 @@ default, or trace) for the table's µs column (`--timer wall`: wall alone):
 Alignment (`--align`, on by default wherever several ranks run the cuda kernels):
 each timed call follows a device barrier across the ranks, `jax_ep.all_reduce` of 4
 floats on a Buffer of its own, so that no rank's call starts before every rank has
-reached it. The host barrier does not line up the GPUs, and XLA's while loop syncs
-with the host every iteration, so without it a call of one process also measures how
-much later the slowest process launched (DeepEP's test launches its calls back to back
-and never sees that skew). The loop timer runs the barrier in the empty loop too; the
+reached it. The host barrier lines up the hosts, not the GPUs: each GPU starts the
+timed work when its own process has launched it, and a receive cannot end before the
+last sender has sent, so without the device barrier a call also measures how much
+later the slowest process launched (DeepEP's test launches its calls back to back and
+never sees that skew). The loop timer runs the barrier in the empty loop too; the
 trace timer's span starts where the barrier's last kernel (`all_reduce_sum`) ends on
 the first of the process's GPUs; the wall timer times the call alone. Rows say
 `aligned`.
