@@ -1492,12 +1492,9 @@ def _start_align(run: "Run", job: Job, cuda_ok: bool):
 
     from .vma import like_inputs
 
-    want = run.args.align
-    if want == "auto":
-        want = "device"
-    if want == "none" or job.R == 1:
+    if run.args.align == "none" or job.R == 1:
         return None
-    if not cuda_ok or job.platform != "gpu":
+    if not cuda_ok:  # (Job.cuda_runs: the kernels on GPUs)
         if run.args.align == "device":  # asked for; auto passes quietly
             run.notes.append("--align device needs the cuda kernels on GPUs; calls are not aligned")
         return None

@@ -566,7 +566,7 @@ def search(plan: Plan, *, results: Optional[str], plot: Optional[str], devices: 
     run = bench.Run(args, job)
     run.notes += notes
     # calls timed after a device barrier across the ranks, as the bench times them
-    align_buf = bench._start_align(run, job, job.platform == "gpu" and job.cuda_runs()[0])
+    align_buf = bench._start_align(run, job, job.cuda_runs()[0])
     xla_ok, xla_why = job.xla_runs
     multi_gpu = not job.shared_gpu and R > 1
     cands = {(w.name, k): candidates(w.search[k], job.sm_cap) for w in work for k in w.search}
