@@ -235,8 +235,8 @@ NB_MODULE(_ext, m) {
   m.def(
       "fp8_quotient_check",
       [](const std::string& kind, bool round_scale, int device) {
-        const int k = kind == "bf16" ? 0 : kind == "fp16" ? 1 : kind == "fp32" ? 2 : -1;
-        if (k < 0) throw std::invalid_argument("jax_ep: fp8_quotient_check kind: bf16, fp16 or fp32");
+        const int k = kind == "bf16" ? 0 : kind == "fp16" ? 1 : kind == "fp32" ? 2 : kind == "scale" ? 3 : -1;
+        if (k < 0) throw std::invalid_argument("jax_ep: fp8_quotient_check kind: bf16, fp16, fp32 or scale");
         jax_ep::Fp8QuotientCheck r{};
         on_device(device, [&] { return jax_ep::fp8_quotient_check(k, round_scale, &r); }, "fp8_quotient_check");
         return nb::make_tuple(r.pairs, r.fp8, r.quotient);
@@ -244,7 +244,7 @@ NB_MODULE(_ext, m) {
       nb::arg("kind"), nb::arg("round_scale"), nb::arg("device"),
       "(pairs, e4m3 mismatches, float32 quotient mismatches) of the FP8 quantizer's "
       "quotient against IEEE division on a CUDA device: every BF16 or FP16 pair, "
-      "or float32 samples.");
+      "or float32 samples; kind \"scale\": every block scale from a finite amax.");
 
   m.def("version", []() { return "0.1.0"; });
 }

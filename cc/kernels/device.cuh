@@ -331,10 +331,15 @@ struct Vec {
 };
 
 // NaN-propagating max of |v| (fmaxf would drop a NaN; the xla quantizer keeps it).
-__device__ __forceinline__ float absmax_nan(float a, float v) {
-  const float m = fabsf(v);
-  return (m > a || isnan(m)) ? m : a;
+// max(a, b), NaN (the canonical one) if either is NaN: one instruction.
+__device__ __forceinline__ float max_nan(float a, float b) {
+  float d;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
+  return d;
 }
+
+// max(a, |v|), NaN if either is NaN (the |v| folds into the instruction).
+__device__ __forceinline__ float absmax_nan(float a, float v) { return max_nan(a, fabsf(v)); }
 
 // float32 -> e4m3fn, round to nearest even, saturating to +-448 (NaN stays NaN).
 __device__ __forceinline__ uint8_t to_e4m3(float v) {

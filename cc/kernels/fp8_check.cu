@@ -81,6 +81,23 @@ __global__ void __launch_bounds__(kCheckThreads) pairs32_kernel(bool round_scale
   tally.flush(out);
 }
 
+// Every float32 amax from kAmaxMin to the largest finite: fp8_scale against the
+// division (pairs: values; quotient: scales whose bits differ).
+__global__ void __launch_bounds__(kCheckThreads) scale_kernel(bool round_scale, unsigned long long* out) {
+  const uint32_t lo = __float_as_uint(kAmaxMin), hi = 0x7F7FFFFFu;
+  unsigned long long n = 0, bad = 0;
+  for (uint64_t b = lo + static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b <= hi;
+       b += static_cast<uint64_t>(gridDim.x) * blockDim.x) {
+    const float amax = __uint_as_float(static_cast<uint32_t>(b));
+    const float want = __fdiv_rn(amax, kFp8Max);
+    const float got = fp8_scale(amax, round_scale);
+    ++n;
+    bad += __float_as_uint(got) != __float_as_uint(round_scale ? round_pow2(want) : want);
+  }
+  atomicAdd(out + 0, n);
+  atomicAdd(out + 2, bad);
+}
+
 }  // namespace
 
 cudaError_t fp8_quotient_check(int kind, bool round_scale, Fp8QuotientCheck* out) {
@@ -93,8 +110,10 @@ cudaError_t fp8_quotient_check(int kind, bool round_scale, Fp8QuotientCheck* out
       pairs16_kernel<true><<<0x7F80, kCheckThreads>>>(round_scale, dev);  // up to +inf
     else if (kind == 1)
       pairs16_kernel<false><<<0x7C00, kCheckThreads>>>(round_scale, dev);
-    else
+    else if (kind == 2)
       pairs32_kernel<<<4096, kCheckThreads>>>(round_scale, dev);
+    else
+      scale_kernel<<<4096, kCheckThreads>>>(round_scale, dev);
     e = cudaGetLastError();
   }
   unsigned long long host[3] = {0, 0, 0};

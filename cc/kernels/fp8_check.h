@@ -17,7 +17,9 @@ struct Fp8QuotientCheck {
 
 // kind 0: every pair of BF16 values (x, amax) with |x| <= amax; 1: the same for
 // FP16; 2: float32 samples, half near e4m3's rounding midpoints, half uniform
-// in [-amax, amax]. Runs on the current device and waits for it.
+// in [-amax, amax]; 3: every float32 amax from kAmaxMin to the largest finite, the
+// block scale against the division (pairs: values, quotient: scales that differ).
+// Runs on the current device and waits for it.
 cudaError_t fp8_quotient_check(int kind, bool round_scale, Fp8QuotientCheck* out);
 
 }  // namespace jax_ep

@@ -84,10 +84,21 @@ struct Fp8Divisor {
   }
 };
 
-// The scale of a block whose largest magnitude is amax (NaN stays NaN).
+// The scale of a block whose largest magnitude is amax (NaN stays NaN): amax /
+// kFp8Max rounded to nearest even. For a finite amax (at least kAmaxMin) one
+// Markstein step from the rounded reciprocal gives that quotient: checked for
+// every such float32 on the host (exact arithmetic where double rounding could
+// hide a difference) and on the GPU by fp8_quotient_check (kind 3). inf and NaN divide.
+constexpr float kRecipFp8Max = 0x1.24924ap-9f;  // 1 / 448 rounded to nearest
 __device__ __forceinline__ float fp8_scale(float amax, bool round_scale) {
   if (amax < kAmaxMin) amax = kAmaxMin;  // NaN stays NaN
-  const float scale = __fdiv_rn(amax, kFp8Max);
+  float scale;
+  if (amax <= 0x1.fffffep127f) {  // finite
+    const float q0 = __fmul_rn(amax, kRecipFp8Max);
+    scale = __fmaf_rn(__fmaf_rn(-kFp8Max, q0, amax), kRecipFp8Max, q0);
+  } else {
+    scale = __fdiv_rn(amax, kFp8Max);
+  }
   return round_scale ? round_pow2(scale) : scale;
 }
 
@@ -102,10 +113,7 @@ __device__ __forceinline__ uint2 quantize_unit(const float* v, bool active, bool
     for (int i = 0; i < kUnit; ++i) amax = absmax_nan(amax, v[i]);
   }
 #pragma unroll
-  for (int off = 8; off >= 1; off >>= 1) {
-    const float o = __shfl_xor_sync(0xffffffffu, amax, off);
-    amax = (o > amax || isnan(o)) ? o : amax;
-  }
+  for (int off = 8; off >= 1; off >>= 1) amax = max_nan(amax, __shfl_xor_sync(0xffffffffu, amax, off));
   const Fp8Divisor d(fp8_scale(amax, round_scale));
   *scale_out = d.scale;
   static_assert(kUnit == 8, "a unit packs into two 32-bit words");

@@ -4,6 +4,7 @@ against IEEE division on the GPU: every pair of BF16 values and of FP16 values
 The xla backend divides; a single differing byte would break bit-exactness."""
 
 import jax
+import numpy as np
 import pytest
 
 
@@ -26,3 +27,15 @@ def test_fp8_quotient_is_the_division(kind, pairs_want, round_scale):
         assert pairs == pairs_want, (kind, pairs)
     assert (fp8, quotient) == (0, 0), f"{kind} round_scale={round_scale}: {fp8} e4m3 bytes and " \
                                       f"{quotient} quotients of {pairs} differ from the division"
+
+
+@pytest.mark.parametrize("round_scale", [False, True])
+def test_fp8_scale_is_the_division(round_scale):
+    """Every block scale from a finite amax (kAmaxMin up to float32's largest) is
+    amax / 448 rounded to nearest, as the xla backend divides."""
+    from jax_ep import _ext
+
+    values, _, bad = _ext.fp8_quotient_check("scale", round_scale, _device())
+    lo = int(np.float32(1e-4).view(np.uint32))
+    assert values == 0x7F7FFFFF - lo + 1, values
+    assert bad == 0, f"round_scale={round_scale}: {bad} of {values} scales differ from the division"
