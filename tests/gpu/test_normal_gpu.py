@@ -73,6 +73,23 @@ def test_windows_and_copies_agree():
         copying.close()
 
 
+@pytest.mark.parametrize("kind", ["random", "messy"])
+def test_one_expert_per_rank(kind):
+    """The experts layout with one expert per rank (Kr == 1), weighted: each rank's
+    row of a token is its partial by itself, as in the tokens layout."""
+    n = num_ranks()
+    buffer()
+    e, k = n, min(K, n)
+    rng = np.random.default_rng(21 + len(kind))
+    x = rng.standard_normal((n * T, H)).astype(np.float32)
+    idx = routing(kind, n, T, k, e, seed=31 + n)
+    w = rng.random((n * T, k)).astype(np.float32)
+    case = ("experts", False, None, None, None, True, jnp.bfloat16)
+    got = run_gpu(("one", kind, "cuda"), dispatch_combine_body("cuda", *case, e), x, idx, w)
+    want = run_oracle(("one", kind, "xla"), dispatch_combine_body("xla", *case, e), x, idx, w)
+    assert_same(got, want, f"one expert per rank, {kind}")
+
+
 def test_rank_layout():
     mine = local_ranks()
     assert mine == list(range(mine[0], mine[0] + len(mine))) and 0 <= mine[0] and mine[-1] < num_ranks()
