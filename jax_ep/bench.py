@@ -653,9 +653,9 @@ def after_marker(events: Sequence[dict], clusters: Sequence[Tuple[float, float]]
 def call_kernels(events: Sequence[dict], clusters: Sequence[Tuple[float, float]]) -> List[Dict[str, Any]]:
     """What a call's span is made of (`--kernels`): for the GPU events inside each
     cluster, in order, the median over the calls of each one's start (from the
-    call's start) and duration in µs, and the idle time, the span less the union
-    of the events. Calls whose event names differ from the first call's are left
-    out (`calls` says how many agree)."""
+    call's start) and duration in µs (`us_max`: the longest), and the idle time,
+    the span less the union of the events. Calls whose event names differ from
+    the first call's are left out (`calls` says how many agree)."""
     gpu = _gpu_events(events)
     per_call = []
     for start, end in clusters:
@@ -669,11 +669,14 @@ def call_kernels(events: Sequence[dict], clusters: Sequence[Tuple[float, float]]
         return []
     names = [n for _, _, n in per_call[0][0]]
     agree = [c for c in per_call if [n for _, _, n in c[0]] == names]
-    rows = [dict(name=n, start_us=float(np.median([c[0][i][0] - c[2] for c in agree])),
-                 us=float(np.median([c[0][i][1] - c[0][i][0] for c in agree])), calls=len(agree))
-            for i, n in enumerate(names)]
-    rows.append(dict(name="(idle inside the call)", start_us=None,
-                     us=float(np.median([c[1] for c in agree])), calls=len(agree)))
+    rows = []
+    for i, n in enumerate(names):
+        us = [c[0][i][1] - c[0][i][0] for c in agree]
+        rows.append(dict(name=n, start_us=float(np.median([c[0][i][0] - c[2] for c in agree])),
+                         us=float(np.median(us)), us_max=float(np.max(us)), calls=len(agree)))
+    idle = [c[1] for c in agree]
+    rows.append(dict(name="(idle inside the call)", start_us=None, us=float(np.median(idle)),
+                     us_max=float(np.max(idle)), calls=len(agree)))
     return rows
 
 
@@ -682,14 +685,14 @@ class Timer:
     table's: loop, trace or wall)."""
 
     def __init__(self, job: Job, *, iters: int, warmup: int, reps: int, flush_bytes: int,
-                 progress: Callable[[str], None], kind: str = "loop", kernels: bool = False):
+                 progress: Callable[[str], None], kind: str = "loop", kernels: Optional[str] = None):
         import jax.numpy as jnp
 
         if kind not in TIMERS:
             raise ValueError(f"timer {kind!r}: choose from {', '.join(TIMERS)}")
         self.job = job
         self.kind = kind
-        self.kernels = kernels  # trace timer: print what each call's span is made of
+        self.kernels = kernels  # trace timer: print what each call's span is made of ("main", "all")
         self.iters, self.warmup, self.reps = iters, warmup, reps
         self.progress = progress
         n = max(128, flush_bytes // 2)
@@ -843,15 +846,15 @@ class Timer:
                 raise err
             events = load_trace_events(d)
         every = 2 if flush is not None else 1
-        if self.kernels and self.job.main:
+        if self.kernels == "all" or (self.kernels and self.job.main):
             clusters = trace_clusters(events, n, every=every)
             if after is not None:
                 clusters = after_marker(events, clusters, after)
             rows = call_kernels(events, clusters)
             lines = [f"  {'+' + format(r['start_us'], '.1f') if r['start_us'] is not None else '':>9} "
-                     f"{r['us']:9.1f} µs  {r['name'][:100]}" for r in rows]
-            print(f"kernels of {name} (process {self.job.pid}, median of {rows[-1]['calls'] if rows else 0} "
-                  "calls; start, time):\n" + "\n".join(lines), file=sys.stderr, flush=True)
+                     f"{r['us']:9.1f} µs {r['us_max']:9.1f} µs  {r['name'][:100]}" for r in rows]
+            print(f"kernels of {name} (process {self.job.pid}, {rows[-1]['calls'] if rows else 0} calls; "
+                  "median start, median time, longest time):\n" + "\n".join(lines), file=sys.stderr, flush=True)
         return [us * 1e-6 for us in trace_spans(events, n, every=every, after=after)]
 
     def _slowest(self, name: str, samples: List[float]) -> List[float]:
@@ -2172,9 +2175,10 @@ def _parser() -> argparse.ArgumentParser:
                             "rank's call starts before every rank reached it (auto, device: with "
                             "several ranks, where the cuda kernels run; the host barrier alone does "
                             "not line up the GPUs)")
-        s.add_argument("--kernels", action="store_true",
+        s.add_argument("--kernels", nargs="?", const="main", default=None, choices=("main", "all"),
                        help="with --timer trace: print each measurement's GPU kernels (start in the call, "
-                            "time; medians) and the idle time inside the call")
+                            "time; medians) and the idle time inside the call, of the main process "
+                            "(--kernels) or of every process (--kernels all)")
         s.add_argument("--copy-mb", dest="copy_mb", type=float, default=None,
                        help="size of the copy that measures B (default 512 on GPU, 32 elsewhere)")
         s.add_argument("--flush-mb", dest="flush_mb", type=float, default=None,

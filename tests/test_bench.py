@@ -639,8 +639,18 @@ def test_call_kernels_breaks_a_span_down():
     rows = bench.call_kernels(events, clusters)
     assert [r["name"] for r in rows] == ["memset", "route", "expand", "(idle inside the call)"]
     assert rows[1]["us"] == pytest.approx(16.0) and rows[2]["start_us"] == pytest.approx(21.0)
+    assert rows[1]["us_max"] == pytest.approx(17.0) and rows[2]["us_max"] == pytest.approx(11.0)
     assert rows[-1]["us"] == pytest.approx(32.0 - 2.0 - 16.0 - 11.0) and rows[-1]["calls"] == 3
     # a call with other kernels is left out of the medians
     events += [_ev(1, 100_000.0, 5.0, "other")]
     rows = bench.call_kernels(events, bench.trace_clusters(events, 4))
     assert rows[-1]["calls"] == 3
+
+
+def test_kernels_flag_names_the_processes():
+    p = bench._parser()
+    assert p.parse_args(["normal"]).kernels is None
+    assert p.parse_args(["normal", "--kernels"]).kernels == "main"
+    assert p.parse_args(["low-latency", "--kernels", "all"]).kernels == "all"
+    with pytest.raises(SystemExit):
+        p.parse_args(["normal", "--kernels", "some"])
