@@ -935,8 +935,9 @@ __device__ __forceinline__ void pull_rows(const CallCtx& c, const NormalShape& s
 // loading up to kBatch ranks' partials (kU units each) before adding any.
 // A rank that published its rows in place (windows) has no partial here: its
 // rows of the token are read from its expert_out and summed in its local-expert
-// order first, rounded to T as its pushed partial would be. A rank that let
-// others read its rows keeps the call open until all of them are done.
+// order first, rounded to T as its pushed partial would be (kOne: at most one
+// row per rank, see pull_rows). A rank that let others read its rows keeps the
+// call open until all of them are done.
 template <typename T, bool kOne>
 __global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineArgs a) {
   constexpr int UB = kUnit * sizeof(T), kU = combine_units<T>() / 2, kBatch = 4;
@@ -1058,8 +1059,8 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineArgs a) {
         n += cnt;
       }
       // BF16 combine, tokens layout, 8 processes on one H100 with 16 SMs each (loop
-      // timer, medians of two runs): 1,670 µs with the partials' loop (4 rows of 2
-      // units); kOne with 2 rows of 4 units 1,544; with 6 rows of 2 units 1,527.
+      // timer, the mean of two runs' medians): 1,670 µs with the partials' loop (4
+      // rows of 2 units); kOne with 2 rows of 4 units 1,544; with 6 rows of 2 units 1,527.
       if constexpr (kOne)
         pull_rows<T, true, combine_units<T>() / 2, 6>(c, s, t, epoch, n, e_rank, e_pos, e_w, src_eo, src_w, y);
       else
