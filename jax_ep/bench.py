@@ -2176,9 +2176,9 @@ def _parser() -> argparse.ArgumentParser:
                             "several ranks, where the cuda kernels run; the host barrier alone does "
                             "not line up the GPUs)")
         s.add_argument("--kernels", nargs="?", const="main", default=None, choices=("main", "all"),
-                       help="with --timer trace: print each measurement's GPU kernels (start in the call, "
-                            "time; medians) and the idle time inside the call, of the main process "
-                            "(--kernels) or of every process (--kernels all)")
+                       help="with --timer trace: print each measurement's GPU kernels (median start in "
+                            "the call, median and longest time) and the idle time inside the call, of the "
+                            "main process (--kernels) or of every process (--kernels all)")
         s.add_argument("--copy-mb", dest="copy_mb", type=float, default=None,
                        help="size of the copy that measures B (default 512 on GPU, 32 elsewhere)")
         s.add_argument("--flush-mb", dest="flush_mb", type=float, default=None,
