@@ -18,6 +18,9 @@ enum ControlWord : int {
   kCtlDoneExpand = 4,
   kCtlSendOpen = 5,    // epoch of the last low-latency send, until its receive closes the call
   kCtlDoneForward = 6, // last-block counter of the internode combine's forwarding kernel
+  kCtlStageNext = 7,   // the normal dispatch's stage kernel: the next token to hand out
+  kCtlExpandNext = 8,  // its expand kernel: the next (source, token) item to hand out
+  kCtlRecvNext = 9,    // the normal combine's token side: the next token to hand out
   kCtlWords = 64,
 };
 

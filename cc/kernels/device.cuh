@@ -215,11 +215,15 @@ __device__ __forceinline__ bool published_operands(const CallCtx& c, int r, uint
 // The last block of a call's last kernel closes the call. With windows it first
 // tells every rank that this rank has read all it needed of theirs; a rank whose
 // XLA operands were read in place (`published`) then waits until every rank has
-// said so, since XLA may reuse that memory once the call is over.
+// said so, since XLA may reuse that memory once the call is over. `next`: the
+// kernel's hand-out counter, back to 0 for the next call (every block has taken
+// its last index).
 __device__ __forceinline__ void close_call_released(const CallCtx& c, uint32_t* counter, uint32_t epoch,
-                                                    int32_t* epoch_out, bool published) {
+                                                    int32_t* epoch_out, bool published,
+                                                    uint32_t* next = nullptr) {
   const bool last = c.window ? last_block_done<true>(counter) : last_block_done<false>(counter);
   if (!last) return;
+  if (next != nullptr && threadIdx.x == 0) *next = 0;
   if (c.window) {
     const uint64_t word = (static_cast<uint64_t>(c.sig) << 32) | epoch;
     for (int r = threadIdx.x; r < c.nranks; r += blockDim.x)

@@ -249,6 +249,8 @@ __device__ __forceinline__ void finish_stage(const CallCtx& c, const NormalShape
                                              bool with_ids) {
   if (c.nodes > 1) quiet_block(c);
   if (!last_block_done(c.control + kCtlDoneStage)) return;
+  // every block has taken its last token: the next call's hand-out starts at 0
+  if (threadIdx.x == 0) c.control[kCtlStageNext] = 0;
   if (c.nodes > 1) {
     const int me = node_of(c, c.rank);
     if (with_ids) {
@@ -279,7 +281,11 @@ __device__ __forceinline__ void finish_stage(const CallCtx& c, const NormalShape
 // ------------------------------------------------------------------ stage
 
 // Copy (or quantize) this rank's rows, ids and weights into its staging half,
-// then signal every rank. Warp per token; no waits.
+// then signal every rank. Warp per token; no waits. The tokens are handed out
+// one at a time to whichever warp is free (a counter), not by a fixed stride:
+// with every rank's blocks sharing one GPU, a block that gets its SM late would
+// otherwise hold its whole share of the rows back, and every rank's receive
+// waits for the last rank's signal.
 template <typename T, bool kFp8>
 __global__ void __launch_bounds__(kThreads) stage_kernel(DispatchArgs a, bool copy_ids) {
   const CallCtx& c = a.c;
@@ -296,7 +302,11 @@ __global__ void __launch_bounds__(kThreads) stage_kernel(DispatchArgs a, bool co
   const int units = s.H / kUnit;
   const int lane = lane_id();
   const T* x = static_cast<const T*>(a.x);
-  for (int t = blockIdx.x * kWarps + warp_id(); t < s.T; t += gridDim.x * kWarps) {
+  uint32_t* next_token = c.control + kCtlStageNext;
+  // The next token is asked for as this one starts, so the answer is there when it ends.
+  int t_next = lane == 0 ? static_cast<int>(atomicAdd(next_token, 1u)) : 0;
+  for (int t = __shfl_sync(0xffffffffu, t_next, 0); t < s.T; t = __shfl_sync(0xffffffffu, t_next, 0)) {
+    if (lane == 0) t_next = static_cast<int>(atomicAdd(next_token, 1u));
     const T* row = x + static_cast<size_t>(t) * s.H;
     if (kFp8 && a.x_scales != nullptr) {  // already FP8: the data and scales as they are
       const int nb = s.H / 128;
@@ -587,7 +597,8 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(DispatchArgs a) {
   const int lane = lane_id();
   const int lo = c.rank * s.El;
   const int in_es = elem_bytes(a.in_dtype);
-  for (int item = blockIdx.x * kWarps + warp_id(); item < R * s.T; item += gridDim.x * kWarps) {
+  // One (source, token) item: its rows' places, its ids and weights, its row.
+  auto expand_item = [&](int item) {
     const RankToken rt = rank_token(c, item, s.T);
     const int src = rt.rank, t = rt.t, g = src * s.T + t;
     int pos = -1, e = -1;
@@ -602,7 +613,7 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(DispatchArgs a) {
       a.src_rows[static_cast<size_t>(g) * s.Kr + lane] = pos;
     }
     const uint32_t valid = __ballot_sync(0xffffffffu, pos >= 0);
-    if (!valid) continue;
+    if (!valid) return;
     const bool local_src = src == c.rank;
     const Stage& st = views[src];
     const char* row;
@@ -641,9 +652,20 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(DispatchArgs a) {
 #pragma unroll
     for (int i = 0; i < kMaxTopK; ++i) dst[i] = __shfl_sync(0xffffffffu, pos, i);
     copy_row<kOut, TOut, UB, kTokens ? 1 : kMaxTopK, kU8>(row, scales, dst, a);
+  };
+  // Items go to whichever warp is free, kGrab at a time from a counter (reset by
+  // the last block), in the order of rank_token: a block that gets its SM late
+  // leaves its share to the others. The next items are asked for as these start.
+  constexpr int kGrab = 4;
+  uint32_t* next_item = c.control + kCtlExpandNext;
+  const int items = R * s.T;
+  int i_next = lane == 0 ? static_cast<int>(atomicAdd(next_item, kGrab)) : 0;
+  for (int i0 = __shfl_sync(0xffffffffu, i_next, 0); i0 < items; i0 = __shfl_sync(0xffffffffu, i_next, 0)) {
+    if (lane == 0) i_next = static_cast<int>(atomicAdd(next_item, kGrab));
+    for (int item = i0; item < min(i0 + kGrab, items); ++item) expand_item(item);
   }
   zero_tail<kOut, TOut, UB>(a, used, kTokens);
-  close_call_released(c, c.control + kCtlDoneExpand, epoch, a.epoch_out, a.pull);
+  close_call_released(c, c.control + kCtlDoneExpand, epoch, a.epoch_out, a.pull, c.control + kCtlExpandNext);
 }
 
 // ------------------------------------------------------------------ combine
@@ -979,7 +1001,12 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineArgs a) {
   }
   __syncthreads();
   const bool pull = any_pull != 0;
-  for (int t = blockIdx.x * kWarps + warp_id(); t < s.T; t += gridDim.x * kWarps) {
+  // Tokens go to whichever warp is free (a counter reset by the last block, as in
+  // the dispatch's stage kernel).
+  uint32_t* next_token = c.control + kCtlRecvNext;
+  int t_next = lane == 0 ? static_cast<int>(atomicAdd(next_token, 1u)) : 0;
+  for (int t = __shfl_sync(0xffffffffu, t_next, 0); t < s.T; t = __shfl_sync(0xffffffffu, t_next, 0)) {
+    if (lane == 0) t_next = static_cast<int>(atomicAdd(next_token, 1u));
     uint64_t mask = 0;
     for (int r0 = 0; r0 < R; r0 += 32) {
       const bool m = r0 + lane < R && a.dst_mask[t * R + r0 + lane] != 0;
@@ -1082,7 +1109,7 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineArgs a) {
       a.slot_vals[t * s.K + lane] = v;
     }
   }
-  close_call_released(c, c.control + kCtlDoneRecv, epoch, a.epoch_out, a.pull);
+  close_call_released(c, c.control + kCtlDoneRecv, epoch, a.epoch_out, a.pull, c.control + kCtlRecvNext);
 }
 
 // ------------------------------------------------------------------ redispatch
