@@ -276,6 +276,11 @@ __device__ __forceinline__ RankToken rank_token(const CallCtx& c, int item, int 
   return {(item + c.rank) % c.nranks, item / c.nranks};
 }
 
+// Whether this rank's kernels have the GPU to themselves (one rank, or ranks on
+// other GPUs): no other rank's blocks compete with this grid's for SMs, so none
+// of its blocks waits long for one (for_each_handed_out).
+__device__ __forceinline__ bool alone_on_gpu(const CallCtx& c) { return c.nranks == 1 || c.spread != 0; }
+
 // ------------------------------------------------------------------ copies
 
 // Read-once data from another rank's staging: bypass L1 (and, unless disabled,

@@ -14,6 +14,39 @@ constexpr float kAmaxMin = 1e-4f;
 
 __device__ __forceinline__ int lane_id() { return threadIdx.x & 31; }
 __device__ __forceinline__ int warp_id() { return threadIdx.x >> 5; }
+// A grid's warps take items 0..n-1, `grab` at a time (kGrab, where known
+// when compiled). Where blocks may get
+// their SMs late (`static_first` false: other ranks' kernels share this GPU),
+// every grab comes from `counter` (0 when the kernel starts; its last block sets
+// it back), so a late block leaves its share to the others; a fixed grid stride
+// would hold that share back, and every rank's receive waits for the last rank's
+// signal. Otherwise each warp's first grab is its own (its index in the grid)
+// and only later ones are counted, which spares a large grid a burst of atomics
+// on one word before any row moves. Lane 0 asks for the next grab as the current
+// one starts, so the answer is there when it ends.
+template <int kGrab = 0, typename F>
+__device__ __forceinline__ void for_each_handed_out(uint32_t* counter, int n, bool static_first, F&& item,
+                                                    int grab = kGrab) {
+  const int lane = threadIdx.x & 31;
+  const int grabs = (n + grab - 1) / grab;
+  const int counted = static_first ? static_cast<int>(gridDim.x * (blockDim.x >> 5)) : 0;
+  int next = lane == 0 ? counted + static_cast<int>(atomicAdd(counter, 1u)) : 0;
+  int g = static_first ? static_cast<int>(blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5))
+                       : __shfl_sync(0xffffffffu, next, 0);
+  bool asked = static_first;  // the grab in `next` is not g
+  while (g < grabs) {
+    if (!asked && lane == 0) next = counted + static_cast<int>(atomicAdd(counter, 1u));
+    asked = false;
+    if constexpr (kGrab == 1) {
+      item(g);
+    } else {
+      const int hi = min(g * grab + grab, n);
+      for (int i = g * grab; i < hi; ++i) item(i);
+    }
+    g = __shfl_sync(0xffffffffu, next, 0);
+  }
+}
+
 __device__ __forceinline__ uint32_t lanemask_lt() {
   uint32_t m;
   asm("mov.u32 %0, %%lanemask_lt;" : "=r"(m));
