@@ -8,6 +8,7 @@
 #include "ffi_low_latency.h"
 #include "ffi_normal.h"
 #include "kernels/fp8_check.h"
+#include "kernels/normal.h"
 #include "nvshmem_runtime.h"
 #include "runtime.h"
 
@@ -77,6 +78,7 @@ void on_device(int device, F call, const char* what) {
 
 NB_MODULE(_ext, m) {
   m.doc() = "jax_ep CUDA extension: FFI handlers, communication buffers";
+  m.attr("route_chunk") = jax_ep::kRouteChunk;  // jax_ep.buffer.ROUTE_CHUNK sizes the route tables by it
 
   m.def("registrations", []() {
     nb::dict d;

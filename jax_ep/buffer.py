@@ -39,6 +39,12 @@ def _axes(axis_name) -> Tuple[str, ...]:
     return (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
 
 
+# Tokens per chunk of the dispatch's route kernel (kRouteChunk of
+# cc/kernels/normal.h; the extension's `route_chunk`): route_cnt holds one count
+# per (expert, source rank, chunk).
+ROUTE_CHUNK = 512
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """Byte offsets of one rank's buffer (mirrored by cc/runtime.h)."""
@@ -73,7 +79,7 @@ class Layout:
             ("inbox", up(R * 8)),
             ("control", up(64 * 4)),
             ("route_rank", up(R * T * kr * 4)),
-            ("route_cnt", up(self.num_experts * -(-T // 512) * 4)),
+            ("route_cnt", up(self.num_experts * -(-T // ROUTE_CHUNK) * 4)),
             ("call_rec", up(2 * 64)),  # CallRecord per epoch parity (cc/runtime_types.h)
             ("done_inbox", up(R * 8)),
         ]

@@ -37,3 +37,26 @@ def test_regions_are_aligned_disjoint_and_inside(ranks, hidden, tokens, top_k, p
     assert ("ll_send" in off) == (low_latency and transport == "nvshmem")
     assert ("ll_recv0" in off) == low_latency
     assert layout.total_bytes == total
+
+
+def test_route_tables_hold_every_chunk():
+    """route_cnt holds one count per (expert, source rank, route chunk) at the chunk
+    size the kernels number by (the extension's `route_chunk`, where it is built)."""
+    import pytest
+
+    from jax_ep.buffer import ROUTE_CHUNK
+
+    try:
+        from jax_ep import _ext
+    except ImportError:
+        _ext = None
+    if _ext is not None:
+        assert _ext.route_chunk == ROUTE_CHUNK
+    for tokens in (1, ROUTE_CHUNK, ROUTE_CHUNK + 1, 4096):
+        off = Layout(8, 7168, tokens, 8, 256, 2, False, "peer").offsets()
+        names = sorted((k for k in off if k not in ("total", "half_bytes")), key=off.get)
+        after = names[names.index("route_cnt") + 1]
+        chunks = -(-tokens // ROUTE_CHUNK)
+        assert off[after] - off["route_cnt"] >= 256 * chunks * 4
+    if _ext is None:
+        pytest.skip("the CUDA extension is not built: its chunk size was not compared")

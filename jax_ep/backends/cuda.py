@@ -123,7 +123,12 @@ def _check_nvshmem_group(buf, groups) -> None:
 def create_buffer(buf) -> Optional[NativeBuffer]:
     """Allocate, exchange and map the memory of `buf` for this process's devices."""
     from .. import distributed
+    from ..buffer import ROUTE_CHUNK
 
+    chunk = getattr(_ext, "route_chunk", None)
+    if chunk != ROUTE_CHUNK:  # a stale build: the route tables would overrun
+        raise RuntimeError(f"jax_ep: the CUDA extension numbers {chunk} tokens per route chunk, "
+                           f"jax_ep.buffer sizes for {ROUTE_CHUNK}; rebuild the extension")
     pid = jax.process_index()
     groups = _groups(buf.mesh, buf.axes)
     offsets = buf.layout.offsets()
