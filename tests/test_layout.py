@@ -60,3 +60,20 @@ def test_route_tables_hold_every_chunk():
         assert off[after] - off["route_cnt"] >= 256 * chunks * 4
     if _ext is None:
         pytest.skip("the CUDA extension is not built: its chunk size was not compared")
+
+
+def test_a_stale_extension_is_refused(monkeypatch):
+    """A build whose route chunk is unknown or different from ROUTE_CHUNK could
+    overrun the route tables: creating the Buffer's memory refuses it by name."""
+    import types
+
+    import pytest
+
+    from jax_ep.backends import cuda
+
+    monkeypatch.setattr(cuda, "_ext", types.SimpleNamespace())
+    with pytest.raises(RuntimeError, match="predates this jax_ep"):
+        cuda.create_buffer(None)
+    monkeypatch.setattr(cuda, "_ext", types.SimpleNamespace(route_chunk=128))
+    with pytest.raises(RuntimeError, match="numbers 128 tokens per route chunk"):
+        cuda.create_buffer(None)

@@ -14,16 +14,17 @@ constexpr float kAmaxMin = 1e-4f;
 
 __device__ __forceinline__ int lane_id() { return threadIdx.x & 31; }
 __device__ __forceinline__ int warp_id() { return threadIdx.x >> 5; }
-// A grid's warps take items 0..n-1, `grab` at a time (kGrab, where known
-// when compiled). Where blocks may get
-// their SMs late (`static_first` false: other ranks' kernels share this GPU),
-// every grab comes from `counter` (0 when the kernel starts; its last block sets
-// it back), so a late block leaves its share to the others; a fixed grid stride
-// would hold that share back, and every rank's receive waits for the last rank's
-// signal. Otherwise each warp's first grab is its own (its index in the grid)
-// and only later ones are counted, which spares a large grid a burst of atomics
-// on one word before any row moves. Lane 0 asks for the next grab as the current
-// one starts, so the answer is there when it ends.
+// A grid's warps take items 0..n-1, `grab` (>= 1) at a time: kGrab where it is
+// known when compiled, else the `grab` argument. Grab numbers come from
+// `counter` (0 when the kernel starts; its last block sets it back), so a block
+// that gets its SM late (other ranks' kernels sharing this GPU) leaves its share
+// to the others; a fixed grid stride would hold that share back, and every
+// rank's receive would wait for the last rank's signal. With `static_first`
+// each warp's first grab is its own (its index in the grid) and only later ones
+// are counted: no warp waits for an atomic before its first item, as it would
+// behind a burst of them on one word in a large grid. (The caller chooses: the
+// expand kernel sets it where the rank has its GPU alone.) Lane 0 asks for the
+// next grab as the current one starts, so the answer is there when it ends.
 template <int kGrab = 0, typename F>
 __device__ __forceinline__ void for_each_handed_out(uint32_t* counter, int n, bool static_first, F&& item,
                                                     int grab = kGrab) {

@@ -126,9 +126,10 @@ def create_buffer(buf) -> Optional[NativeBuffer]:
     from ..buffer import ROUTE_CHUNK
 
     chunk = getattr(_ext, "route_chunk", None)
-    if chunk != ROUTE_CHUNK:  # a stale build: the route tables would overrun
-        raise RuntimeError(f"jax_ep: the CUDA extension numbers {chunk} tokens per route chunk, "
-                           f"jax_ep.buffer sizes for {ROUTE_CHUNK}; rebuild the extension")
+    if chunk != ROUTE_CHUNK:  # a stale build: the route tables could overrun
+        found = "predates this jax_ep" if chunk is None else f"numbers {chunk} tokens per route chunk"
+        raise RuntimeError(f"jax_ep: the CUDA extension {found}, and jax_ep.buffer sizes the route "
+                           f"tables for {ROUTE_CHUNK}; rebuild it (pip install --no-build-isolation -e .)")
     pid = jax.process_index()
     groups = _groups(buf.mesh, buf.axes)
     offsets = buf.layout.offsets()
