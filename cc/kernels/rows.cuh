@@ -28,12 +28,11 @@ __device__ __forceinline__ int warp_id() { return threadIdx.x >> 5; }
 template <int kGrab = 0, typename F>
 __device__ __forceinline__ void for_each_handed_out(uint32_t* counter, int n, bool static_first, F&& item,
                                                     int grab = kGrab) {
-  const int lane = threadIdx.x & 31;
+  const int lane = lane_id(), warps = static_cast<int>(blockDim.x >> 5);
   const int grabs = (n + grab - 1) / grab;
-  const int counted = static_first ? static_cast<int>(gridDim.x * (blockDim.x >> 5)) : 0;
+  const int counted = static_first ? static_cast<int>(gridDim.x) * warps : 0;
   int next = lane == 0 ? counted + static_cast<int>(atomicAdd(counter, 1u)) : 0;
-  int g = static_first ? static_cast<int>(blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5))
-                       : __shfl_sync(0xffffffffu, next, 0);
+  int g = static_first ? static_cast<int>(blockIdx.x) * warps + warp_id() : __shfl_sync(0xffffffffu, next, 0);
   bool asked = static_first;  // the grab in `next` is not g
   while (g < grabs) {
     if (!asked && lane == 0) next = counted + static_cast<int>(atomicAdd(counter, 1u));
