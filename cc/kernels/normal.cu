@@ -245,14 +245,16 @@ __device__ __forceinline__ uint32_t node_mask_of_ranks(const CallCtx& c, const i
 
 // The puts that close a staging over several nodes: every block's rows first
 // (quiet_block), then the last block puts ids and weights (dispatch) and the
-// flags, and signals its own node.
+// flags, and signals its own node. kOneNode: the caller runs on one node only,
+// and the puts are not compiled in (they take registers where nothing spares them).
+template <bool kOneNode = false>
 __device__ __forceinline__ void finish_stage(const CallCtx& c, const NormalShape& s, uint32_t epoch,
                                              bool with_ids) {
-  if (c.nodes > 1) quiet_block(c);
+  if (!kOneNode && c.nodes > 1) quiet_block(c);
   if (!last_block_done(c.control + kCtlDoneStage)) return;
   // every block has taken its last token: the next call's hand-out starts at 0
   if (threadIdx.x == 0) c.control[kCtlStageNext] = 0;
-  if (c.nodes > 1) {
+  if (!kOneNode && c.nodes > 1) {
     const int me = node_of(c, c.rank);
     if (with_ids) {
       const Stage from = stage_at(c, s, half_base(c, c.rank, epoch) + c.off.x_stage);
@@ -286,12 +288,14 @@ __device__ __forceinline__ void finish_stage(const CallCtx& c, const NormalShape
 // by the counter (for_each_handed_out), also where the rank is alone on its GPU:
 // there the first tokens by warp index saved 1.5 of 45 µs (one rank, 132 SMs,
 // FP8), but choosing at run time spilled 32 bytes in the FP8 quantizer.
-// kBlock = kWideBlock (FP8 quantized in the call, several ranks on one node):
-// twice the warps per SM, each with half the units in flight, in 64 registers;
-// it quantizes only (no FP8 input to copy).
+// kBlock = kWideBlock (FP8 quantized in the call by several ranks sharing one
+// GPU): twice the warps per SM, each with half the units in flight, in <= 64
+// registers. It only quantizes (x_scales == nullptr: no FP8 input to copy), on
+// one node, and never publishes operands in place (a.pull is false).
 template <typename T, bool kFp8, int kBlock = kThreads>
 __global__ void __launch_bounds__(kBlock) stage_kernel(DispatchArgs a, bool copy_ids) {
-  constexpr bool kWide = kBlock != kThreads;
+  static_assert(kBlock == kThreads || (kFp8 && kBlock == kWideBlock), "a 512-thread kernel, or the wide quantizer");
+  constexpr bool kWide = kBlock == kWideBlock;
   constexpr int kU = kWide ? kUnroll / 2 : kUnroll;
   const CallCtx& c = a.c;
   const NormalShape& s = a.s;
@@ -317,7 +321,7 @@ __global__ void __launch_bounds__(kBlock) stage_kernel(DispatchArgs a, bool copy
     } else if constexpr (kFp8) {
       uint8_t* q_row = reinterpret_cast<uint8_t*>(st.x) + static_cast<size_t>(t) * s.H;
       // Whole 16-lane blocks are active or not (H % 128 == 0), as the shuffles need.
-      // The warp's next kUnroll units per lane are in flight while these are
+      // The warp's next kU units per lane are in flight while these are
       // quantized and stored (raw 16-byte words: few registers for 2-byte T; a
       // float row loads each step's units after the last is stored, as registers
       // would run out).
@@ -370,7 +374,7 @@ __global__ void __launch_bounds__(kBlock) stage_kernel(DispatchArgs a, bool copy
       st.idx[t * s.K + lane] = a.idx[t * s.K + lane];
       st.w[t * s.K + lane] = a.w[t * s.K + lane];
     }
-    if (c.nodes > 1) {  // the row, once to each other node that has one of its experts
+    if (!kWide && c.nodes > 1) {  // the row, once to each other node that has one of its experts
       const uint32_t nodes = node_mask_of_ids(c, s, a.idx + t * s.K) & ~(1u << node_of(c, c.rank));
       if (nodes == 0) return;
       __syncwarp();
@@ -385,7 +389,7 @@ __global__ void __launch_bounds__(kBlock) stage_kernel(DispatchArgs a, bool copy
       }
     }
   });
-  finish_stage(c, s, epoch, /*with_ids=*/true);
+  finish_stage<kWide>(c, s, epoch, /*with_ids=*/true);
 }
 
 // ------------------------------------------------------------------ route
@@ -1261,9 +1265,10 @@ cudaError_t dispatch_typed(const DispatchArgs& a, cudaStream_t stream) {
   const bool fp8 = a.out_kind != kOutSame;
   const int R = a.c.nranks, grid = a.num_sms;
   const bool tokens = a.s.tokens_layout != 0;
-  if (R > 1 && a.c.nodes == 1 && fp8 && a.x_scales == nullptr) {
+  if (R > 1 && a.c.nodes == 1 && !a.c.spread && fp8 && a.x_scales == nullptr && !a.pull) {
     // Quantizing with 32 warps per SM, not 16: the stage kernel's median went
-    // from 319 to 277 µs at EP8 on one H100 (8 processes x 16 SMs).
+    // from 319 to 277 µs at EP8 on one H100 (8 processes x 16 SMs). Ranks on
+    // separate GPUs keep the 512-thread kernel: not measured there yet.
     JAX_EP_RETURN_IF_ERROR(launch_block(stage_kernel<T, true, kWideBlock>, grid, kWideBlock, 0, stream, a, true));
   } else if (R > 1 || (fp8 && a.x_scales == nullptr)) {  // one rank reads FP8 input in place
     auto k = fp8 ? stage_kernel<T, true> : stage_kernel<T, false>;

@@ -4,8 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from harness import (assert_same, buffer, copying_buffer, dispatch_combine_body, grad_body, local_ranks, num_ranks,
-                     routing, run_gpu, run_oracle, soak_body)
+import jax_ep
+from harness import (AXIS, assert_same, buffer, copying_buffer, dispatch_combine_body, gpu_mesh, grad_body,
+                     local_ranks, num_ranks, routing, run_gpu, run_oracle, soak_body)
 
 T, H, E, K = 96, 256, 32, 6
 
@@ -46,6 +47,33 @@ def test_dispatch_combine_matches_xla(case):
     got = run_gpu(key + ("cuda",), _body("cuda", *case[:7]), x, idx, w)
     want = run_oracle(key + ("xla",), _body("xla", *case[:7]), x, idx, w)
     assert_same(got, want, f"{case}")
+
+
+@pytest.mark.parametrize("hidden", [640, 7168])
+def test_fp8_long_rows_match_xla(hidden):
+    """An FP8 dispatch quantized in the call, at hidden sizes where a row takes the
+    quantizer several steps per lane (640: the last step partly filled; 7168:
+    DeepSeek-V3's), from BF16, FP16 and float32 rows, in both layouts: bit for bit
+    the xla backend's. (Ranks sharing a GPU quantize with the 1,024-thread stage
+    kernel, whose lanes load 2 units a step, not 4.)"""
+    n = num_ranks()
+    buffer()
+    buf = jax_ep.Buffer(gpu_mesh(), AXIS, hidden=hidden, max_tokens_per_rank=T, num_experts=E, top_k=K,
+                        dtype=jnp.float32, low_latency=False, name=f"long_rows{hidden}")
+    try:
+        for i, (layout, dtype) in enumerate([("experts", jnp.bfloat16), ("tokens", jnp.float16),
+                                             ("experts", jnp.float32), ("tokens", jnp.bfloat16)]):
+            case = (layout, True, None, None, None, layout == "experts", dtype)
+            rng = np.random.default_rng(500 + i)
+            x = rng.standard_normal((n * T, hidden)).astype(np.float32) * np.exp(rng.normal(0, 1.5, (n * T, 1)))
+            idx = routing("zipf" if i % 2 else "random", n, T, K, E, seed=600 + i + n)
+            w = rng.random((n * T, K)).astype(np.float32)
+            key = ("long_rows", hidden) + tuple(str(v) for v in case)
+            got = run_gpu(key + ("cuda",), dispatch_combine_body("cuda", *case, E, buf=buf), x, idx, w)
+            want = run_oracle(key + ("xla",), dispatch_combine_body("xla", *case, E), x, idx, w)
+            assert_same(got, want, f"hidden {hidden}: {case}")
+    finally:
+        buf.close()
 
 
 def test_windows_and_copies_agree():
