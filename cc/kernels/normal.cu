@@ -575,12 +575,13 @@ __device__ void zero_tail(const DispatchArgs& a, int from, bool tokens) {
 
 // Turn route numbers into final rows, pull each source row once and write it
 // to all its local expert rows; then zero the padding and close the call.
-// The FP8 kernels say that one block per SM is enough: without it ptxas held
-// the experts-layout kernel with a row in flight to 64 registers and spilled
-// (it takes 128). The copy kernels keep ptxas' choice of at most 64 (two
-// blocks per SM where one rank has the GPU, copy_grid).
+// The FP8 kernels (a row in flight per warp, 126-128 registers) say that one
+// block per SM is enough: without that, ptxas' choice moved with small changes
+// (a 4-piece variant was held to 64 registers and spilled 36 bytes). The copy
+// and dequantizing kernels keep ptxas' choice of at most 64 registers: two
+// blocks per SM where one rank has the GPU (copy_grid).
 template <bool kTokens, int kOut, typename TOut, int UB, int kU8 = kUnroll>
-__global__ void __launch_bounds__(kThreads, kOut == kOutSame ? 0 : 1) expand_kernel(DispatchArgs a) {
+__global__ void __launch_bounds__(kThreads, kOut == kOutFp8 ? 1 : 0) expand_kernel(DispatchArgs a) {
   extern __shared__ int base[];
   __shared__ int warp_sums[kWarps];
   __shared__ Stage views[kMaxRanks];  // each source's rows (source_view)
