@@ -578,8 +578,8 @@ __device__ void zero_tail(const DispatchArgs& a, int from, bool tokens) {
 // The FP8 kernels (a row in flight per warp, 126-128 registers) say that one
 // block per SM is enough: without that, ptxas' choice moved with small changes
 // (a 4-piece variant was held to 64 registers and spilled 36 bytes). The copy
-// and dequantizing kernels keep ptxas' choice of at most 64 registers: two
-// blocks per SM where one rank has the GPU (copy_grid).
+// and dequantizing kernels keep ptxas' own choice, which is 62-64 registers for
+// most of them (so two blocks fit per SM where one rank has the GPU, copy_grid).
 template <bool kTokens, int kOut, typename TOut, int UB, int kU8 = kUnroll>
 __global__ void __launch_bounds__(kThreads, kOut == kOutFp8 ? 1 : 0) expand_kernel(DispatchArgs a) {
   extern __shared__ int base[];
