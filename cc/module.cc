@@ -98,21 +98,24 @@ NB_MODULE(_ext, m) {
   m.def(
       "create",
       [](uint64_t id, int device, int rank, int nranks, int max_tokens, nb::dict offsets,
-         double timeout_s, int transport, int num_nodes) {
+         double timeout_s, int transport, int num_nodes, bool vmm) {
         const size_t total = nb::cast<size_t>(offsets["total"]);
-        jax_ep::add_state(std::make_unique<BufferState>(id, device, rank, nranks, max_tokens, total,
-                                                        offsets_from(offsets), timeout_s, transport,
-                                                        num_nodes));
+        return jax_ep::add_state(std::make_unique<BufferState>(id, device, rank, nranks, max_tokens, total,
+                                                               offsets_from(offsets), timeout_s, transport,
+                                                               num_nodes, vmm))
+            ->vmm();
       },
       nb::arg("buffer_id"), nb::arg("device"), nb::arg("rank"), nb::arg("nranks"),
       nb::arg("max_tokens"), nb::arg("offsets"), nb::arg("timeout_s"), nb::arg("transport") = 0,
-      nb::arg("num_nodes") = 1,
+      nb::arg("num_nodes") = 1, nb::arg("vmm") = false,
       "Allocate this device's communication memory of a buffer: device memory mapped by "
       "its peers (transport 0), or NVSHMEM symmetric memory (transport 1, collective: every "
       "PE calls it, in the same order, and the group is already connected). num_nodes > 1: "
       "ranks are grouped into that many nodes, and the normal-mode kernels reach the other "
       "nodes by puts only (NVSHMEM puts, or on the peer transport stores through peer "
-      "pointers).");
+      "pointers). vmm (peer transport): a VMM allocation that the peers map through a "
+      "copy of its file descriptor, where the driver allows (else cudaMalloc and a CUDA IPC "
+      "handle); returns whether it is one.");
 
   m.def(
       "ipc_handle",
@@ -120,7 +123,8 @@ NB_MODULE(_ext, m) {
         const std::string h = state(id, device)->ipc_handle();
         return nb::bytes(h.data(), h.size());
       },
-      "The CUDA IPC handle of the buffer's memory on this device, then the GPU's UUID.");
+      "What the peers need to map the buffer's memory on this device (a CUDA IPC handle, or "
+      "the VMM allocation's record), then the GPU's UUID.");
 
   m.def(
       "connect",
@@ -167,6 +171,22 @@ NB_MODULE(_ext, m) {
   m.def(
       "window_on", [](uint64_t id, int device) { return state(id, device)->window_on(); },
       nb::arg("buffer_id"), nb::arg("device"));
+
+  m.def(
+      "describe",
+      [](uint64_t id, int device) {
+        const BufferState* s = state(id, device);
+        nb::dict d;
+        d["rank"] = s->rank();
+        d["nranks"] = s->nranks();
+        d["num_nodes"] = s->num_nodes();
+        d["vmm"] = s->vmm();
+        d["windows"] = s->window_on();
+        return d;
+      },
+      nb::arg("buffer_id"), nb::arg("device"),
+      "What this device's state of a buffer is: rank, nranks, num_nodes, vmm (a VMM "
+      "allocation), windows.");
 
   m.def("close", [](uint64_t id, int device) { jax_ep::remove_state(id, device); },
         "Free a buffer's memory on one device.");

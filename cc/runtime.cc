@@ -7,6 +7,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cerrno>
 #include <cstring>
 #include <type_traits>
@@ -63,6 +64,8 @@ struct Driver {
   CUresult (*map)(CUdeviceptr, size_t, size_t, CUmemGenericAllocationHandle, unsigned long long) = nullptr;
   CUresult (*unmap)(CUdeviceptr, size_t) = nullptr;
   CUresult (*set_access)(CUdeviceptr, size_t, const CUmemAccessDesc*, size_t) = nullptr;
+  CUresult (*create)(CUmemGenericAllocationHandle*, size_t, const CUmemAllocationProp*, unsigned long long) = nullptr;
+  CUresult (*granularity)(size_t*, const CUmemAllocationProp*, CUmemAllocationGranularity_flags) = nullptr;
   bool ok = false;
 };
 
@@ -91,6 +94,8 @@ const Driver& driver() {
     get("cuMemMap", &d.map);
     get("cuMemUnmap", &d.unmap);
     get("cuMemSetAccess", &d.set_access);
+    get("cuMemCreate", &d.create);
+    get("cuMemGetAllocationGranularity", &d.granularity);
     d.ok = ok;
     return d;
   }();
@@ -103,6 +108,38 @@ struct WindowRecord {
   uint64_t base, size;
 };
 
+// Map `size` bytes of an allocation handle at a new address, readable and
+// writable by `device`; 0 on failure (nothing left mapped).
+CUdeviceptr map_handle(const Driver& d, CUmemGenericAllocationHandle h, size_t size, int device) {
+  CUdeviceptr va = 0;
+  if (d.reserve(&va, size, 0, 0, 0) != CUDA_SUCCESS) return 0;
+  if (d.map(va, size, 0, h, 0) != CUDA_SUCCESS) {
+    d.free_va(va, size);
+    return 0;
+  }
+  CUmemAccessDesc acc{};
+  acc.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+  acc.location.id = device;
+  acc.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+  if (d.set_access(va, size, &acc, 1) != CUDA_SUCCESS) {
+    d.unmap(va, size);
+    d.free_va(va, size);
+    return 0;
+  }
+  return va;
+}
+
+// A copy, in this process, of descriptor `fd` of process `pid`; -1 and errno set on failure.
+int copy_fd(int64_t pid, int64_t fd, const char** step) {
+  const int pidfd = static_cast<int>(syscall(SYS_pidfd_open, static_cast<pid_t>(pid), 0));
+  const int out = pidfd < 0 ? -1 : static_cast<int>(syscall(SYS_pidfd_getfd, pidfd, static_cast<int>(fd), 0));
+  const int err = errno;
+  if (pidfd >= 0) close(pidfd);
+  *step = pidfd < 0 ? "pidfd_open" : "pidfd_getfd";
+  errno = err;
+  return out;
+}
+
 void gpu_uuid(int device, char (&out)[16]) {
   cudaDeviceProp p{};
   std::memset(out, 0, sizeof(out));
@@ -114,7 +151,7 @@ void gpu_uuid(int device, char (&out)[16]) {
 
 BufferState::BufferState(uint64_t id, int device, int rank, int nranks, int max_tokens,
                          size_t bytes, const Offsets& off, double timeout_s, int transport,
-                         int num_nodes)
+                         int num_nodes, bool vmm)
     : id_(id), device_(device), rank_(rank), nranks_(nranks), max_tokens_(max_tokens),
       num_nodes_(num_nodes), bytes_(bytes), off_(off), timeout_ns_(static_cast<uint64_t>(timeout_s * 1e9)),
       transport_(transport) {
@@ -139,7 +176,33 @@ BufferState::BufferState(uint64_t id, int device, int rank, int nranks, int max_
           std::to_string(nvshmem_pe()) + " of " + std::to_string(nvshmem_npes()) + ")");
     base_ = static_cast<char*>(nvshmem_alloc_symmetric(bytes_));  // zeroed on every PE
   } else {
-    check_cuda(cudaMalloc(&base_, bytes_), "cudaMalloc of the communication buffer");
+    const Driver& d = driver();
+    if (vmm && d.ok && d.create != nullptr && d.granularity != nullptr) {
+      // One physical allocation with a POSIX descriptor, as XLA's own memory is;
+      // the peers map it after taking a copy of the descriptor (connect()).
+      CUmemAllocationProp prop{};
+      prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+      prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+      prop.location.id = device;
+      prop.requestedHandleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
+      size_t g = 0;
+      CUmemGenericAllocationHandle h = 0;
+      const size_t size = d.granularity(&g, &prop, CU_MEM_ALLOC_GRANULARITY_RECOMMENDED) == CUDA_SUCCESS && g
+                              ? (bytes_ + g - 1) / g * g : 0;
+      if (size && d.create(&h, size, &prop, 0) == CUDA_SUCCESS) {
+        const CUdeviceptr va = map_handle(d, h, size, device);
+        if (va != 0) {
+          base_ = reinterpret_cast<char*>(va);
+          vmm_handle_ = h;
+          vmm_size_ = size;
+        } else {
+          d.release(h);
+        }
+      }
+    }
+    vmm_ = base_ != nullptr;
+    if (!vmm_)  // not asked for, or the driver cannot: device memory shared by a CUDA IPC handle
+      check_cuda(cudaMalloc(&base_, bytes_), "cudaMalloc of the communication buffer");
     check_cuda(cudaMemset(base_, 0, bytes_), "cudaMemset of the communication buffer");
   }
   check_cuda(cudaHostAlloc(&fault_host_, sizeof(FaultRecord), cudaHostAllocMapped),
@@ -175,8 +238,20 @@ BufferState::~BufferState() {
   drop_windows();
   for (char* p : opened_)
     if (cudaIpcCloseMemHandle(p) == cudaSuccess) g_open_mappings.fetch_sub(1);
+  const Driver& d = driver();
+  for (const Mapping& m : vmm_maps_) {
+    d.unmap(m.va, m.size);
+    d.free_va(m.va, m.size);
+    d.release(m.handle);
+  }
   if (transport_ == kTransportNvshmem) {
     if (nvshmem_running()) nvshmem_free_symmetric(base_);  // else finalize took the heap
+  } else if (vmm_) {
+    const CUdeviceptr va = reinterpret_cast<CUdeviceptr>(base_);
+    d.unmap(va, vmm_size_);
+    d.free_va(va, vmm_size_);
+    d.release(vmm_handle_);
+    if (vmm_fd_ >= 0) close(vmm_fd_);
   } else {
     cudaFree(base_);
   }
@@ -184,11 +259,21 @@ BufferState::~BufferState() {
   cudaSetDevice(prev);
 }
 
-std::string BufferState::ipc_handle() const {
-  cudaIpcMemHandle_t h;
-  check_cuda(cudaIpcGetMemHandle(&h, base_), "cudaIpcGetMemHandle");
+std::string BufferState::ipc_handle() {
   char gpu[16];
   gpu_uuid(device_, gpu);
+  if (vmm_) {  // pid, descriptor, base and size; the descriptor stays open while the Buffer lives
+    if (vmm_fd_ < 0) {
+      int fd = -1;
+      if (driver().export_fd(&fd, vmm_handle_, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0) != CUDA_SUCCESS)
+        throw CudaError("jax_ep: exporting the Buffer's VMM allocation failed");
+      vmm_fd_ = fd;
+    }
+    const WindowRecord rec{static_cast<int64_t>(getpid()), vmm_fd_, reinterpret_cast<uint64_t>(base_), vmm_size_};
+    return std::string(reinterpret_cast<const char*>(&rec), sizeof(rec)) + std::string(gpu, sizeof(gpu));
+  }
+  cudaIpcMemHandle_t h;
+  check_cuda(cudaIpcGetMemHandle(&h, base_), "cudaIpcGetMemHandle");
   return std::string(reinterpret_cast<const char*>(&h), sizeof(h)) + std::string(gpu, sizeof(gpu));
 }
 
@@ -214,6 +299,29 @@ void BufferState::connect(const std::vector<std::string>& handles,
         else check_cuda(e, "cudaDeviceEnablePeerAccess");
       }
       peers_[r] = local[r]->base();
+      continue;
+    }
+    if (r < static_cast<int>(handles.size()) && handles[r].size() == sizeof(WindowRecord) + sizeof(mine)) {
+      WindowRecord rec;
+      std::memcpy(&rec, handles[r].data(), sizeof(rec));
+      shared = shared && std::memcmp(handles[r].data() + sizeof(rec), mine, sizeof(mine)) == 0;
+      const Driver& d = driver();
+      const char* step = "";
+      const int fd = copy_fd(rec.pid, rec.fd, &step);
+      if (fd < 0)
+        throw CudaError(std::string("jax_ep: ") + step + " of rank " + std::to_string(r) +
+                        "'s process failed: " + std::strerror(errno));
+      CUmemGenericAllocationHandle h = 0;
+      const CUresult ri = d.import_fd(&h, reinterpret_cast<void*>(static_cast<uintptr_t>(fd)),
+                                      CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR);
+      close(fd);
+      const CUdeviceptr va = ri == CUDA_SUCCESS ? map_handle(d, h, rec.size, device_) : 0;
+      if (va == 0) {
+        if (ri == CUDA_SUCCESS) d.release(h);
+        throw CudaError("jax_ep: mapping rank " + std::to_string(r) + "'s VMM Buffer failed");
+      }
+      vmm_maps_.push_back({va, rec.size, h});
+      peers_[r] = reinterpret_cast<char*>(va);
       continue;
     }
     if (r >= static_cast<int>(handles.size()) || handles[r].size() != sizeof(cudaIpcMemHandle_t) + sizeof(mine))
@@ -287,15 +395,12 @@ bool BufferState::import_windows(const std::vector<std::string>& records, std::s
     WindowRecord rec;
     std::memcpy(&rec, records[r].data(), sizeof(rec));
     // The descriptor lives in the other process: take a copy of it.
-    const int pidfd = static_cast<int>(syscall(SYS_pidfd_open, static_cast<pid_t>(rec.pid), 0));
-    const int fd = pidfd < 0 ? -1 : static_cast<int>(syscall(SYS_pidfd_getfd, pidfd, static_cast<int>(rec.fd), 0));
-    const int err = errno;
-    if (pidfd >= 0) close(pidfd);
+    const char* step = "";
+    const int fd = copy_fd(rec.pid, rec.fd, &step);
     if (fd < 0) {
       // EPERM: ptrace rights over that process are missing (Yama's ptrace_scope,
       // a container's seccomp profile).
-      *why = std::string(pidfd < 0 ? "pidfd_open" : "pidfd_getfd") + " of rank " + std::to_string(r) +
-             "'s process failed: " + std::strerror(err);
+      *why = std::string(step) + " of rank " + std::to_string(r) + "'s process failed: " + std::strerror(errno);
       drop_windows();
       return false;
     }
@@ -303,24 +408,8 @@ bool BufferState::import_windows(const std::vector<std::string>& records, std::s
     const CUresult ri = d.import_fd(&h, reinterpret_cast<void*>(static_cast<uintptr_t>(fd)),
                                     CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR);
     close(fd);
-    CUdeviceptr va = 0;
-    bool ok = ri == CUDA_SUCCESS && d.reserve(&va, rec.size, 0, 0, 0) == CUDA_SUCCESS;
-    if (ok && d.map(va, rec.size, 0, h, 0) != CUDA_SUCCESS) {
-      d.free_va(va, rec.size);
-      ok = false;
-    }
-    if (ok) {
-      CUmemAccessDesc acc{};
-      acc.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
-      acc.location.id = device_;
-      acc.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
-      if (d.set_access(va, rec.size, &acc, 1) != CUDA_SUCCESS) {
-        d.unmap(va, rec.size);
-        d.free_va(va, rec.size);
-        ok = false;
-      }
-    }
-    if (!ok) {
+    const CUdeviceptr va = ri == CUDA_SUCCESS ? map_handle(d, h, rec.size, device_) : 0;
+    if (va == 0) {
       if (ri == CUDA_SUCCESS) d.release(h);
       *why = "mapping rank " + std::to_string(r) + "'s window failed";
       drop_windows();

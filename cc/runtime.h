@@ -29,16 +29,20 @@ class BufferState {
  public:
   BufferState(uint64_t id, int device, int rank, int nranks, int max_tokens, size_t bytes,
               const Offsets& off, double timeout_s, int transport = kTransportPeer,
-              int num_nodes = 1);
+              int num_nodes = 1, bool vmm = false);
   ~BufferState();
   BufferState(const BufferState&) = delete;
   BufferState& operator=(const BufferState&) = delete;
 
-  // What to hand to the other processes of the group: the 64-byte IPC handle,
-  // then the GPU's 16-byte UUID.
-  std::string ipc_handle() const;
-  // Map the other ranks' memory: IPC handles (other processes) or, for ranks
-  // driven by this process, their state's pointer directly (peer access).
+  // What to hand to the other processes of the group: the 64-byte CUDA IPC handle
+  // (cudaMalloc) or the 32-byte record of the VMM allocation (pid, descriptor,
+  // base, size; the descriptor stays open while the Buffer lives), then the
+  // GPU's 16-byte UUID.
+  std::string ipc_handle();
+  // Map the other ranks' memory: their handles (other processes; a VMM record's
+  // descriptor is copied with pidfd_getfd) or, for ranks driven by this process,
+  // their state's pointer directly (peer access). Throws when any cannot be mapped;
+  // what was mapped is released with the state.
   void connect(const std::vector<std::string>& handles, const std::vector<BufferState*>& local);
 
   // Windows (CallCtx::window). export_window: a record (pid, file descriptor,
@@ -66,6 +70,7 @@ class BufferState {
   int nranks() const { return nranks_; }
   int max_tokens() const { return max_tokens_; }
   char* base() const { return base_; }
+  bool vmm() const { return vmm_; }
   bool connected() const { return connected_; }
   int num_nodes() const { return num_nodes_; }
   bool on_my_node(int r) const { return r / (nranks_ / num_nodes_) == rank_ / (nranks_ / num_nodes_); }
@@ -87,6 +92,11 @@ class BufferState {
   char* base_ = nullptr;
   std::vector<char*> peers_;
   std::vector<char*> opened_;  // IPC mappings to close
+  // A VMM allocation shared by a POSIX descriptor (create(vmm=True)), else
+  // cudaMalloc shared by a CUDA IPC handle.
+  bool vmm_ = false;
+  uint64_t vmm_handle_ = 0, vmm_size_ = 0;
+  int vmm_fd_ = -1;  // this rank's exported descriptor, open while the Buffer lives
   bool connected_ = false;
   bool shares_gpu_ = false;  // every rank connect() mapped is on this rank's GPU
   struct Mapping {
@@ -96,6 +106,7 @@ class BufferState {
   uint64_t win_base_ = 0, win_size_ = 0;
   int win_fd_ = -1;                // this rank's exported descriptor, closed on enable
   std::vector<Mapping> win_maps_;  // the peers' allocations mapped here
+  std::vector<Mapping> vmm_maps_;  // the peers' VMM Buffers mapped here
   std::vector<int64_t> win_delta_;
   bool window_ = false;
   FaultRecord* fault_host_ = nullptr;

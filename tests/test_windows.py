@@ -1,9 +1,14 @@
-"""The windows' agreement between ranks (jax_ep.backends.cuda.exchange_windows):
-every rank takes part, and the windows are on only where every rank mapped every
-other. The ranks are threads over an in-memory key-value store whose reads wait,
-as the job's store does."""
+"""The agreements between the processes of a group: the windows'
+(jax_ep.backends.cuda.exchange_windows: every rank takes part, and the windows are
+on only where every rank mapped every other) and the Buffer's memory
+(_connect_processes: VMM allocations, replaced by cudaMalloc memory on every rank
+when any rank cannot map another's). The ranks are threads over an in-memory
+key-value store whose reads wait, as the job's store does."""
 
 import threading
+import types
+
+import pytest
 
 from jax_ep.backends import cuda as cuda_backend
 
@@ -109,3 +114,112 @@ def test_windows_wanted_only_with_a_pool_made_at_start(monkeypatch):
     monkeypatch.delenv("XLA_PYTHON_CLIENT_ALLOCATOR")
     monkeypatch.setenv("JAX_EP_WINDOWS", "0")
     assert not cuda_backend._windows_wanted()
+
+
+class FakeExt:
+    """The extension's create / ipc_handle / connect / close, recorded per rank;
+    ranks in `no_vmm_import` cannot map a VMM handle (pidfd_getfd refused)."""
+
+    def __init__(self, no_vmm_import=()):
+        self.no_vmm_import = set(no_vmm_import)
+        self.lock = threading.Lock()
+        self.kind = {}
+        self.log = []
+
+    def _rec(self, *what):
+        with self.lock:
+            self.log.append(what)
+
+    def create(self, buffer_id, dev, rank, n, *args, vmm=False):
+        self.kind[dev] = "vmm" if vmm else "ipc"
+        self._rec("create", dev, self.kind[dev])
+        return vmm
+
+    def ipc_handle(self, buffer_id, dev):
+        return f"{self.kind[dev]}:{dev}|x".encode()  # a raw handle may hold "|"
+
+    def connect(self, buffer_id, dev, handles, local_devs):
+        self._rec("connect", dev, tuple(handles))
+        if dev in self.no_vmm_import and any(h.startswith(b"vmm") for h in handles):
+            raise RuntimeError(f"jax_ep: pidfd_getfd of rank {(dev + 1) % len(handles)}'s process failed")
+
+    def close(self, buffer_id, dev):
+        self._rec("close", dev)
+
+
+def _connect_group(monkeypatch, size, ext, vmm=True):
+    """Every rank (a thread, device r) runs _connect_processes; its warnings."""
+    monkeypatch.setattr(cuda_backend, "_ext", ext)
+    warned = []
+    monkeypatch.setattr(cuda_backend.warnings, "warn", lambda msg, *a, **k: warned.append(msg))
+    kv, errors = KV(), {}
+    buf = types.SimpleNamespace(buffer_id=7, name="b")
+    devs = [types.SimpleNamespace(local_hardware_id=r) for r in range(size)]
+
+    def rank(r):
+        def create(d, v):
+            return ext.create(7, d.local_hardware_id, r, size, v, vmm=v)
+        try:
+            cuda_backend._connect_processes(buf, kv, devs, [devs[r]], [-1] * size, b"cfg", create, vmm)
+        except Exception as e:  # noqa: BLE001
+            errors[r] = e
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads), "a rank is still waiting"
+    assert not errors, errors
+    return warned
+
+
+def _events(ext, dev):
+    return [e for e in ext.log if e[1] == dev]
+
+
+def test_buffer_memory_vmm_everywhere(monkeypatch):
+    ext = FakeExt()
+    assert _connect_group(monkeypatch, 4, ext) == []
+    for r in range(4):
+        ev = _events(ext, r)
+        assert [e[0] for e in ev] == ["create", "connect"] and ev[0][2] == "vmm"
+        want = tuple(b"" if q == r else f"vmm:{q}|x".encode() for q in range(4))
+        assert ev[1][2] == want  # every other rank's handle, in rank order
+
+
+def test_buffer_memory_falls_back_on_every_rank(monkeypatch):
+    ext = FakeExt(no_vmm_import={2})
+    warned = _connect_group(monkeypatch, 3, ext)
+    for r in range(3):
+        ev = _events(ext, r)
+        assert [e[0] for e in ev] == ["create", "connect", "close", "create", "connect"], ev
+        assert ev[0][2] == "vmm" and ev[3][2] == "ipc"
+        assert all(h == b"" or h.startswith(b"ipc") for h in ev[4][2])
+    assert len(warned) == 1 and "CUDA IPC" in warned[0] and "rank 2 could not map" in warned[0]
+
+
+def test_buffer_memory_without_vmm(monkeypatch):
+    ext = FakeExt(no_vmm_import={0, 1})
+    assert _connect_group(monkeypatch, 2, ext, vmm=False) == []
+    assert all([e[0] for e in _events(ext, r)] == ["create", "connect"] for r in range(2))
+    assert all(e[2] == "ipc" for e in ext.log if e[0] == "create")
+
+
+def test_buffer_memory_refuses_another_configuration(monkeypatch):
+    ext = FakeExt()
+    monkeypatch.setattr(cuda_backend, "_ext", ext)
+    kv = KV()
+    kv.set("vmm/rank1", b"other|vmm:1")
+    buf = types.SimpleNamespace(buffer_id=7, name="b", num_ranks=2)
+    devs = [types.SimpleNamespace(local_hardware_id=r) for r in range(2)]
+    with pytest.raises(ValueError, match="rank 1"):
+        cuda_backend._connect_processes(buf, kv, devs, [devs[0]], [0, -1], b"cfg",
+                                        lambda d, v: ext.create(7, 0, 0, 2, vmm=v), True)
+
+
+def test_buffer_vmm_wanted(monkeypatch):
+    monkeypatch.delenv("JAX_EP_BUFFER_VMM", raising=False)
+    assert cuda_backend._buffer_vmm_wanted()
+    monkeypatch.setenv("JAX_EP_BUFFER_VMM", "0")
+    assert not cuda_backend._buffer_vmm_wanted()

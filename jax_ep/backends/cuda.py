@@ -145,40 +145,91 @@ def create_buffer(buf) -> Optional[NativeBuffer]:
         local = [d for d in ranks if d.process_index == pid]
         if not local:
             continue
-        for d in local:
-            _ext.create(buf.buffer_id, d.local_hardware_id, ranks.index(d), len(ranks),
-                        buf.max_tokens_per_rank, offsets, timeout_s())
-            mine.append(d.local_hardware_id)
+
+        def create(d, vmm, ranks=ranks):
+            return _ext.create(buf.buffer_id, d.local_hardware_id, ranks.index(d), len(ranks),
+                               buf.max_tokens_per_rank, offsets, timeout_s(), _TRANSPORTS["peer"],
+                               buf.num_nodes, vmm=vmm)
+
+        mine += [d.local_hardware_id for d in local]
         local_devs = [d.local_hardware_id if d.process_index == pid else -1 for d in ranks]
-        handles = [b""] * len(ranks)
-        if len(local) < len(ranks):  # peers in other processes: CUDA IPC over the KV store
-            kv = distributed.kv_store(f"jax_ep/buffer/{buf.buffer_id:x}/{n}/{g}")
-            local_ranks = [ranks.index(d) for d in local]
-
-            def group_barrier(kv=kv, mine=local_ranks, size=len(ranks)):
-                # Only this group's processes: a job-wide barrier would wait for other groups.
-                for r in mine:
-                    kv.set(f"closed/{r}", b"1")
-                for r in range(size):
-                    kv.get(f"closed/{r}")
-
-            barriers.append(group_barrier)
+        if len(local) == len(ranks):  # the whole group in this process: peer access
             for d in local:
-                r = ranks.index(d)
-                kv.set(f"rank{r}", config + b"|" + _ext.ipc_handle(buf.buffer_id, d.local_hardware_id))
-            for r, d in enumerate(ranks):
-                if d.process_index == pid:
-                    continue
-                got = kv.get(f"rank{r}")
-                cfg, _, handle = got.partition(b"|")  # the raw handle may hold "|"
-                if cfg != config:
-                    raise _config_mismatch(buf, r, cfg, config)
-                handles[r] = handle
-        for d in local:
-            _ext.connect(buf.buffer_id, d.local_hardware_id, handles, local_devs)
+                create(d, False)
+            for d in local:
+                _ext.connect(buf.buffer_id, d.local_hardware_id, [b""] * len(ranks), local_devs)
+            continue
+        kv = distributed.kv_store(f"jax_ep/buffer/{buf.buffer_id:x}/{n}/{g}")
+        local_ranks = [ranks.index(d) for d in local]
+
+        def group_barrier(kv=kv, mine=local_ranks, size=len(ranks)):
+            # Only this group's processes: a job-wide barrier would wait for other groups.
+            for r in mine:
+                kv.set(f"closed/{r}", b"1")
+            for r in range(size):
+                kv.get(f"closed/{r}")
+
+        barriers.append(group_barrier)
+        # One device of the group here: a VMM allocation (mapped by the devices of
+        # the other processes only, so not with several devices here).
+        _connect_processes(buf, kv, ranks, local, local_devs, config, create,
+                           vmm=len(local) == 1 and _buffer_vmm_wanted())
         if len(local) == 1 and len(ranks) > 1 and buf.num_nodes == 1:
             _open_windows(buf, kv, local[0], ranks.index(local[0]), len(ranks))
     return NativeBuffer(buf.buffer_id, mine, (lambda: [b() for b in barriers]) if barriers else None)
+
+
+def _buffer_vmm_wanted() -> bool:
+    """JAX_EP_BUFFER_VMM unset or not 0: the peer transport's memory is a VMM allocation."""
+    return os.environ.get("JAX_EP_BUFFER_VMM", "1") != "0"
+
+
+def _connect_processes(buf, kv, ranks, local, local_devs, config: bytes, create, vmm: bool) -> None:
+    """Create this process's memory of a group that spans processes, exchange the
+    handles through the KV store and map the peers.
+
+    With `vmm` the memory is one VMM allocation that the peers map after copying
+    its file descriptor (pidfd_getfd), as the windows do: in the normal-mode FP8
+    dispatch, which reads the peers' staging, it reads faster than cudaMalloc
+    memory shared by a CUDA IPC handle (performance.md, "The Buffer as a VMM
+    allocation"). If any rank cannot map any other's, every rank replaces it with
+    cudaMalloc memory and CUDA IPC handles (always mappable on one node); every
+    rank takes part in the agreement, so none waits for one that gave up.
+    """
+    for kind in (("vmm", "ipc") if vmm else ("ipc",)):
+        for d in local:
+            create(d, kind == "vmm")
+            kv.set(f"{kind}/rank{ranks.index(d)}",
+                   config + b"|" + _ext.ipc_handle(buf.buffer_id, d.local_hardware_id))
+        handles = [b""] * len(ranks)
+        for r, d in enumerate(ranks):
+            if d not in local:
+                cfg, _, handle = kv.get(f"{kind}/rank{r}").partition(b"|")  # the raw handle may hold "|"
+                if cfg != config:
+                    raise _config_mismatch(buf, r, cfg, config)
+                handles[r] = handle
+        if kind == "ipc":
+            for d in local:
+                _ext.connect(buf.buffer_id, d.local_hardware_id, handles, local_devs)
+            return
+        why = ""
+        try:
+            for d in local:
+                _ext.connect(buf.buffer_id, d.local_hardware_id, handles, local_devs)
+        except RuntimeError as e:  # pidfd_getfd not permitted, or the driver refused
+            why = str(e)
+        for d in local:
+            kv.set(f"vmm_ok/{ranks.index(d)}", b"0" if why else b"1")
+        oks = [kv.get(f"vmm_ok/{r}") == b"1" for r in range(len(ranks))]
+        if all(oks):
+            return
+        for d in local:  # what this rank mapped goes with it
+            _ext.close(buf.buffer_id, d.local_hardware_id)
+        if ranks.index(local[0]) == 0:
+            warnings.warn(f"jax_ep: Buffer {buf.name!r} uses cudaMalloc memory and CUDA IPC handles "
+                          f"({why or f'rank {oks.index(False)} could not map the others'}); its FP8 "
+                          "dispatch reads the peers' staging slower (see docs/troubleshooting.md)",
+                          stacklevel=4)
 
 
 def _windows_wanted() -> bool:

@@ -73,25 +73,31 @@ def buffer(hidden: int = 256, tokens: int = 128, experts: int = 32, top_k: int =
     return _BUFFER[0]
 
 
+def buffer_with_env(name: str, env: Dict[str, str], **kw) -> jax_ep.Buffer:
+    """A Buffer made while the environment variables `env` are set (restored after)."""
+    import os
+
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return jax_ep.Buffer(gpu_mesh(), AXIS, name=name, **kw)
+    finally:
+        for k, v in before.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
+
+
 def copying_buffer(name: str, **kw) -> jax_ep.Buffer:
     """A Buffer made with `JAX_EP_WINDOWS=0`: no rank reads another's XLA memory in
     place, every row is copied through the Buffers. Also checks that the default
     buffer has its windows open, where they are wanted (one process per rank)."""
-    import os
-
     from jax_ep.backends import cuda as cuda_backend
 
     if num_ranks() > 1 and len(local_ranks()) == 1 and cuda_backend._windows_wanted():
         assert buffer().windows, "a process did not map its peers' XLA memory"
-    before = os.environ.get("JAX_EP_WINDOWS")
-    os.environ["JAX_EP_WINDOWS"] = "0"
-    try:
-        buf = jax_ep.Buffer(gpu_mesh(), AXIS, name=name, **kw)
-    finally:
-        if before is None:
-            del os.environ["JAX_EP_WINDOWS"]
-        else:
-            os.environ["JAX_EP_WINDOWS"] = before
+    buf = buffer_with_env(name, {"JAX_EP_WINDOWS": "0"}, **kw)
     assert not buf.windows
     return buf
 

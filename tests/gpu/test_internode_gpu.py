@@ -156,3 +156,8 @@ def test_internode_buffer_has_its_regions(transport):
     off = buf.layout.offsets()
     assert all(f"{r}0" in off for r in ("rdma_recv", "comb_fwd", "vals_fwd", "fwd_tag"))
     assert all(k in off for k in ("rdma_flag", "rdma_ready", "fwd_inbox")) and "nodes=" in repr(buf)
+    # The native state runs the internode protocol with the Buffer's node count.
+    from jax_ep import _ext
+
+    for d in buf._native.devices:
+        assert _ext.describe(buf.buffer_id, d)["num_nodes"] == buf.num_nodes

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import jax_ep
-from harness import (AXIS, assert_same, buffer, copying_buffer, dispatch_combine_body, gpu_mesh, grad_body,
-                     local_ranks, num_ranks, routing, run_gpu, run_oracle, soak_body)
+from harness import (AXIS, assert_same, buffer, buffer_with_env, copying_buffer, dispatch_combine_body, gpu_mesh,
+                     grad_body, local_ranks, num_ranks, routing, run_gpu, run_oracle, soak_body)
 
 T, H, E, K = 96, 256, 32, 6
 
@@ -99,6 +99,38 @@ def test_windows_and_copies_agree():
             assert_same(fast, slow, f"{case}")
     finally:
         copying.close()
+
+
+def test_buffer_memory_kinds_agree():
+    """The Buffer as one VMM allocation (the default between processes) and as
+    cudaMalloc memory shared by CUDA IPC handles (JAX_EP_BUFFER_VMM=0): the same
+    bits, both copying through the Buffers (the FP8 dispatch reads its peers'
+    staging, the combine pushes partial sums)."""
+    from jax_ep import _ext
+    from jax_ep.backends import cuda as cuda_backend
+
+    n = num_ranks()
+    kw = dict(hidden=256, max_tokens_per_rank=128, num_experts=32, top_k=8, dtype=jnp.float32)
+    vmm = buffer_with_env("vmm_copying", {"JAX_EP_WINDOWS": "0"}, **kw)
+    ipc = buffer_with_env("ipc_copying", {"JAX_EP_WINDOWS": "0", "JAX_EP_BUFFER_VMM": "0"}, **kw)
+    try:
+        assert not any(_ext.describe(ipc.buffer_id, d)["vmm"] for d in ipc._native.devices)
+        if n > 1 and len(local_ranks()) == 1 and cuda_backend._buffer_vmm_wanted():
+            assert all(_ext.describe(vmm.buffer_id, d)["vmm"] for d in vmm._native.devices)
+        for i in (0, 6, 7, 12, 13):  # BF16; FP8 as FP8 and dequantized, both layouts
+            case = CASES[i]
+            layout, fp8, out_dtype, cap, max_rows, weighted, dtype, kind = case
+            rng = np.random.default_rng(200 + i)
+            x = rng.standard_normal((n * T, H)).astype(np.float32)
+            idx = routing(kind, n, T, K, E, seed=2 * i + n)
+            w = rng.random((n * T, K)).astype(np.float32)
+            key = ("memkind",) + tuple(str(v) for v in case)
+            a = run_gpu(key + ("vmm",), dispatch_combine_body("cuda", *case[:7], E, buf=vmm), x, idx, w)
+            b = run_gpu(key + ("ipc",), dispatch_combine_body("cuda", *case[:7], E, buf=ipc), x, idx, w)
+            assert_same(a, b, f"{case}")
+    finally:
+        vmm.close()
+        ipc.close()
 
 
 @pytest.mark.parametrize("kind", ["random", "messy"])
