@@ -226,7 +226,8 @@ NB_MODULE(_ext, m) {
         d["buffers"] = jax_ep::live_states();
         return d;
       },
-      "Device memory (cudaMemGetInfo) and this process's open IPC mappings and buffers.");
+      "Device memory (cudaMemGetInfo), the other processes' Buffers this process maps (by CUDA "
+      "IPC handle or VMM descriptor: ipc_mappings) and its buffers.");
 
   m.def("capture_stats", []() {
     auto [calls, captured] = jax_ep::capture_stats();

@@ -243,6 +243,7 @@ BufferState::~BufferState() {
     d.unmap(m.va, m.size);
     d.free_va(m.va, m.size);
     d.release(m.handle);
+    g_open_mappings.fetch_sub(1);
   }
   if (transport_ == kTransportNvshmem) {
     if (nvshmem_running()) nvshmem_free_symmetric(base_);  // else finalize took the heap
@@ -321,6 +322,7 @@ void BufferState::connect(const std::vector<std::string>& handles,
         throw CudaError("jax_ep: mapping rank " + std::to_string(r) + "'s VMM Buffer failed");
       }
       vmm_maps_.push_back({va, rec.size, h});
+      g_open_mappings.fetch_add(1);
       peers_[r] = reinterpret_cast<char*>(va);
       continue;
     }
