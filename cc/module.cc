@@ -127,6 +127,11 @@ NB_MODULE(_ext, m) {
       "the VMM allocation's record), then the GPU's UUID.");
 
   m.def(
+      "close_export", [](uint64_t id, int device) { state(id, device)->close_export(); },
+      nb::arg("buffer_id"), nb::arg("device"),
+      "Close the descriptor ipc_handle() exported (every peer has mapped the memory).");
+
+  m.def(
       "connect",
       [](uint64_t id, int device, std::vector<nb::bytes> handles, std::vector<int> local_devices) {
         BufferState* s = state(id, device);

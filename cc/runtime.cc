@@ -167,60 +167,65 @@ BufferState::BufferState(uint64_t id, int device, int rank, int nranks, int max_
   if (num_nodes > 1 && (off.rdma_flag == 0 || off.rdma_ready == 0 || off.fwd_inbox == 0))
     throw std::invalid_argument("jax_ep: a Buffer over several nodes needs its internode regions");
   DeviceGuard guard(device);
-  if (transport == kTransportNvshmem) {
-    // Symmetric memory: the same offsets on every PE; PE r is EP rank r.
-    if (nvshmem_pe() != rank || nvshmem_npes() != nranks)
-      throw std::invalid_argument(
-          "jax_ep: the NVSHMEM transport needs EP rank r to be NVSHMEM PE r of an EP group of all "
-          "PEs (this rank " + std::to_string(rank) + " of " + std::to_string(nranks) + " is PE " +
-          std::to_string(nvshmem_pe()) + " of " + std::to_string(nvshmem_npes()) + ")");
-    base_ = static_cast<char*>(nvshmem_alloc_symmetric(bytes_));  // zeroed on every PE
-  } else {
-    const Driver& d = driver();
-    if (vmm && d.ok && d.create != nullptr && d.granularity != nullptr) {
-      // One physical allocation with a POSIX descriptor, as XLA's own memory is;
-      // the peers map it after taking a copy of the descriptor (connect()).
-      CUmemAllocationProp prop{};
-      prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
-      prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
-      prop.location.id = device;
-      prop.requestedHandleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
-      size_t g = 0;
-      CUmemGenericAllocationHandle h = 0;
-      const size_t size = d.granularity(&g, &prop, CU_MEM_ALLOC_GRANULARITY_RECOMMENDED) == CUDA_SUCCESS && g
-                              ? (bytes_ + g - 1) / g * g : 0;
-      if (size && d.create(&h, size, &prop, 0) == CUDA_SUCCESS) {
-        const CUdeviceptr va = map_handle(d, h, size, device);
-        if (va != 0) {
-          base_ = reinterpret_cast<char*>(va);
-          vmm_handle_ = h;
-          vmm_size_ = size;
-        } else {
-          d.release(h);
+  try {
+    if (transport == kTransportNvshmem) {
+      // Symmetric memory: the same offsets on every PE; PE r is EP rank r.
+      if (nvshmem_pe() != rank || nvshmem_npes() != nranks)
+        throw std::invalid_argument(
+            "jax_ep: the NVSHMEM transport needs EP rank r to be NVSHMEM PE r of an EP group of all "
+            "PEs (this rank " + std::to_string(rank) + " of " + std::to_string(nranks) + " is PE " +
+            std::to_string(nvshmem_pe()) + " of " + std::to_string(nvshmem_npes()) + ")");
+      base_ = static_cast<char*>(nvshmem_alloc_symmetric(bytes_));  // zeroed on every PE
+    } else {
+      const Driver& d = driver();
+      if (vmm && d.ok && d.create != nullptr && d.granularity != nullptr) {
+        // One physical allocation with a POSIX descriptor, as XLA's own memory is;
+        // the peers map it after taking a copy of the descriptor (connect()).
+        CUmemAllocationProp prop{};
+        prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+        prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+        prop.location.id = device;
+        prop.requestedHandleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
+        size_t g = 0;
+        CUmemGenericAllocationHandle h = 0;
+        const size_t size = d.granularity(&g, &prop, CU_MEM_ALLOC_GRANULARITY_RECOMMENDED) == CUDA_SUCCESS && g
+                                ? (bytes_ + g - 1) / g * g : 0;
+        if (size && d.create(&h, size, &prop, 0) == CUDA_SUCCESS) {
+          const CUdeviceptr va = map_handle(d, h, size, device);
+          if (va != 0) {
+            base_ = reinterpret_cast<char*>(va);
+            vmm_handle_ = h;
+            vmm_size_ = size;
+          } else {
+            d.release(h);
+          }
         }
       }
+      vmm_ = base_ != nullptr;
+      if (!vmm_)  // not asked for, or the driver cannot: device memory shared by a CUDA IPC handle
+        check_cuda(cudaMalloc(&base_, bytes_), "cudaMalloc of the communication buffer");
+      check_cuda(cudaMemset(base_, 0, bytes_), "cudaMemset of the communication buffer");
     }
-    vmm_ = base_ != nullptr;
-    if (!vmm_)  // not asked for, or the driver cannot: device memory shared by a CUDA IPC handle
-      check_cuda(cudaMalloc(&base_, bytes_), "cudaMalloc of the communication buffer");
-    check_cuda(cudaMemset(base_, 0, bytes_), "cudaMemset of the communication buffer");
-  }
-  check_cuda(cudaHostAlloc(&fault_host_, sizeof(FaultRecord), cudaHostAllocMapped),
-             "cudaHostAlloc of the fault record");
-  std::memset(fault_host_, 0, sizeof(FaultRecord));
-  check_cuda(cudaHostGetDevicePointer(&fault_dev_, fault_host_, 0), "cudaHostGetDevicePointer");
-  check_cuda(cudaDeviceSynchronize(), "buffer initialisation");
-  peers_.assign(nranks_, nullptr);
-  peers_[rank_] = base_;
-  if (transport == kTransportNvshmem) {
-    // Peers a load or store reaches (NVLink, the same GPU) get their pointer, for the
-    // normal-mode kernels; the low-latency kernels put through NVSHMEM either way.
-    // Over several nodes only this node's ranks do: the kernels reach the others
-    // by puts alone, also where (simulated nodes on one GPU) a pointer would exist.
-    for (int r = 0; r < nranks_; ++r)
-      if (r != rank_ && on_my_node(r))
-        peers_[r] = static_cast<char*>(nvshmem_peer_pointer(base_, r));
-    connected_ = true;
+    check_cuda(cudaHostAlloc(&fault_host_, sizeof(FaultRecord), cudaHostAllocMapped),
+               "cudaHostAlloc of the fault record");
+    std::memset(fault_host_, 0, sizeof(FaultRecord));
+    check_cuda(cudaHostGetDevicePointer(&fault_dev_, fault_host_, 0), "cudaHostGetDevicePointer");
+    check_cuda(cudaDeviceSynchronize(), "buffer initialisation");
+    peers_.assign(nranks_, nullptr);
+    peers_[rank_] = base_;
+    if (transport == kTransportNvshmem) {
+      // Peers a load or store reaches (NVLink, the same GPU) get their pointer, for the
+      // normal-mode kernels; the low-latency kernels put through NVSHMEM either way.
+      // Over several nodes only this node's ranks do: the kernels reach the others
+      // by puts alone, also where (simulated nodes on one GPU) a pointer would exist.
+      for (int r = 0; r < nranks_; ++r)
+        if (r != rank_ && on_my_node(r))
+          peers_[r] = static_cast<char*>(nvshmem_peer_pointer(base_, r));
+      connected_ = true;
+    }
+  } catch (...) {  // nothing of a half-made state stays behind
+    free_memory();
+    throw;
   }
   watchdog_ = std::thread([this] { watch(); });
 }
@@ -245,19 +250,35 @@ BufferState::~BufferState() {
     d.release(m.handle);
     g_open_mappings.fetch_sub(1);
   }
-  if (transport_ == kTransportNvshmem) {
+  if (transport_ == kTransportNvshmem && base_ != nullptr) {
     if (nvshmem_running()) nvshmem_free_symmetric(base_);  // else finalize took the heap
-  } else if (vmm_) {
-    const CUdeviceptr va = reinterpret_cast<CUdeviceptr>(base_);
-    d.unmap(va, vmm_size_);
-    d.free_va(va, vmm_size_);
-    d.release(vmm_handle_);
-    if (vmm_fd_ >= 0) close(vmm_fd_);
-  } else {
-    cudaFree(base_);
+    base_ = nullptr;
   }
-  cudaFreeHost(fault_host_);
+  free_memory();
   cudaSetDevice(prev);
+}
+
+void BufferState::free_memory() {
+  if (base_ != nullptr && transport_ != kTransportNvshmem) {
+    if (vmm_) {
+      const Driver& d = driver();
+      const CUdeviceptr va = reinterpret_cast<CUdeviceptr>(base_);
+      d.unmap(va, vmm_size_);
+      d.free_va(va, vmm_size_);
+      d.release(vmm_handle_);
+    } else {
+      cudaFree(base_);
+    }
+    base_ = nullptr;
+  }
+  close_export();
+  if (fault_host_ != nullptr) cudaFreeHost(fault_host_);
+  fault_host_ = nullptr;
+}
+
+void BufferState::close_export() {
+  if (vmm_fd_ >= 0) close(vmm_fd_);
+  vmm_fd_ = -1;
 }
 
 std::string BufferState::ipc_handle() {
@@ -280,6 +301,7 @@ std::string BufferState::ipc_handle() {
 
 void BufferState::connect(const std::vector<std::string>& handles,
                           const std::vector<BufferState*>& local) {
+  if (connected_) throw std::logic_error("jax_ep: the Buffer is already connected to its peers");
   DeviceGuard guard(device_);
   char mine[16];
   gpu_uuid(device_, mine);
@@ -307,6 +329,8 @@ void BufferState::connect(const std::vector<std::string>& handles,
       std::memcpy(&rec, handles[r].data(), sizeof(rec));
       shared = shared && std::memcmp(handles[r].data() + sizeof(rec), mine, sizeof(mine)) == 0;
       const Driver& d = driver();
+      if (!d.ok) throw CudaError("jax_ep: rank " + std::to_string(r) + "'s Buffer is a VMM allocation, and "
+                                 "this process's CUDA driver lacks the VMM calls");
       const char* step = "";
       const int fd = copy_fd(rec.pid, rec.fd, &step);
       if (fd < 0)

@@ -39,6 +39,9 @@ class BufferState {
   // base, size; the descriptor stays open while the Buffer lives), then the
   // GPU's 16-byte UUID.
   std::string ipc_handle();
+  // Close the descriptor ipc_handle() exported, once every peer has mapped the
+  // memory (each holds its own copy).
+  void close_export();
   // Map the other ranks' memory: their handles (other processes; a VMM record's
   // descriptor is copied with pidfd_getfd) or, for ranks driven by this process,
   // their state's pointer directly (peer access). Throws when any cannot be mapped;
@@ -82,6 +85,8 @@ class BufferState {
 
  private:
   void watch();
+  // Free this rank's memory (not NVSHMEM's) and fault record; idempotent.
+  void free_memory();
 
   uint64_t id_;
   int device_, rank_, nranks_, max_tokens_, num_nodes_;

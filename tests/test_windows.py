@@ -117,11 +117,17 @@ def test_windows_wanted_only_with_a_pool_made_at_start(monkeypatch):
 
 
 class FakeExt:
-    """The extension's create / ipc_handle / connect / close, recorded per rank;
-    ranks in `no_vmm_import` cannot map a VMM handle (pidfd_getfd refused)."""
+    """The extension's create / ipc_handle / connect / close, recorded per rank
+    (device r is rank r). Failures to inject: `no_vmm_import` ranks cannot map a
+    VMM handle (pidfd_getfd refused, RuntimeError); `fail_create` holds (rank,
+    kind) pairs whose create raises; `fail_handle` ranks whose ipc_handle raises;
+    `connect_error` the exception type connect raises."""
 
-    def __init__(self, no_vmm_import=()):
+    def __init__(self, no_vmm_import=(), fail_create=(), fail_handle=(), connect_error=RuntimeError):
         self.no_vmm_import = set(no_vmm_import)
+        self.fail_create = set(fail_create)
+        self.fail_handle = set(fail_handle)
+        self.connect_error = connect_error
         self.lock = threading.Lock()
         self.kind = {}
         self.log = []
@@ -131,36 +137,46 @@ class FakeExt:
             self.log.append(what)
 
     def create(self, buffer_id, dev, rank, n, *args, vmm=False):
-        self.kind[dev] = "vmm" if vmm else "ipc"
-        self._rec("create", dev, self.kind[dev])
+        kind = "vmm" if vmm else "ipc"
+        self._rec("create", dev, kind)
+        if (dev, kind) in self.fail_create:
+            raise RuntimeError(f"jax_ep: cuMemCreate of the Buffer failed on {dev}")
+        self.kind[dev] = kind
         return vmm
 
     def ipc_handle(self, buffer_id, dev):
+        if dev in self.fail_handle and self.kind[dev] == "vmm":
+            raise RuntimeError("jax_ep: exporting the Buffer's VMM allocation failed")
         return f"{self.kind[dev]}:{dev}|x".encode()  # a raw handle may hold "|"
 
     def connect(self, buffer_id, dev, handles, local_devs):
         self._rec("connect", dev, tuple(handles))
         if dev in self.no_vmm_import and any(h.startswith(b"vmm") for h in handles):
-            raise RuntimeError(f"jax_ep: pidfd_getfd of rank {(dev + 1) % len(handles)}'s process failed")
+            raise self.connect_error(f"jax_ep: pidfd_getfd of rank {(dev + 1) % len(handles)}'s process failed")
+
+    def close_export(self, buffer_id, dev):
+        self._rec("close_export", dev)
 
     def close(self, buffer_id, dev):
         self._rec("close", dev)
 
 
-def _connect_group(monkeypatch, size, ext, vmm=True):
-    """Every rank (a thread, device r) runs _connect_processes; its warnings."""
+def _connect_group(monkeypatch, size, ext, vmm=True, config=lambda r: b"cfg"):
+    """Every rank (a thread, device r) runs _connect_processes (`vmm`: a bool, or
+    one per rank); (its warnings, {rank: exception})."""
     monkeypatch.setattr(cuda_backend, "_ext", ext)
     warned = []
     monkeypatch.setattr(cuda_backend.warnings, "warn", lambda msg, *a, **k: warned.append(msg))
     kv, errors = KV(), {}
-    buf = types.SimpleNamespace(buffer_id=7, name="b")
+    buf = types.SimpleNamespace(buffer_id=7, name="b", num_ranks=size)
     devs = [types.SimpleNamespace(local_hardware_id=r) for r in range(size)]
+    wants = vmm if isinstance(vmm, (list, tuple)) else [vmm] * size
 
     def rank(r):
         def create(d, v):
             return ext.create(7, d.local_hardware_id, r, size, v, vmm=v)
         try:
-            cuda_backend._connect_processes(buf, kv, devs, [devs[r]], [-1] * size, b"cfg", create, vmm)
+            cuda_backend._connect_processes(buf, kv, devs, [devs[r]], [-1] * size, config(r), create, wants[r])
         except Exception as e:  # noqa: BLE001
             errors[r] = e
 
@@ -170,52 +186,79 @@ def _connect_group(monkeypatch, size, ext, vmm=True):
     for t in threads:
         t.join(30)
     assert not any(t.is_alive() for t in threads), "a rank is still waiting"
-    assert not errors, errors
-    return warned
+    return warned, errors
 
 
 def _events(ext, dev):
-    return [e for e in ext.log if e[1] == dev]
+    return [e[:3] if e[0] == "create" else e[:2] for e in ext.log if e[1] == dev]
+
+
+def _connects(ext, dev):
+    return [e[2] for e in ext.log if e[0] == "connect" and e[1] == dev]
 
 
 def test_buffer_memory_vmm_everywhere(monkeypatch):
     ext = FakeExt()
-    assert _connect_group(monkeypatch, 4, ext) == []
+    assert _connect_group(monkeypatch, 4, ext) == ([], {})
     for r in range(4):
-        ev = _events(ext, r)
-        assert [e[0] for e in ev] == ["create", "connect"] and ev[0][2] == "vmm"
+        assert _events(ext, r) == [("create", r, "vmm"), ("connect", r), ("close_export", r)]
         want = tuple(b"" if q == r else f"vmm:{q}|x".encode() for q in range(4))
-        assert ev[1][2] == want  # every other rank's handle, in rank order
+        assert _connects(ext, r) == [want]  # every other rank's handle, in rank order
 
 
 def test_buffer_memory_falls_back_on_every_rank(monkeypatch):
     ext = FakeExt(no_vmm_import={2})
-    warned = _connect_group(monkeypatch, 3, ext)
+    warned, errors = _connect_group(monkeypatch, 3, ext)
+    assert errors == {}
     for r in range(3):
-        ev = _events(ext, r)
-        assert [e[0] for e in ev] == ["create", "connect", "close", "create", "connect"], ev
-        assert ev[0][2] == "vmm" and ev[3][2] == "ipc"
-        assert all(h == b"" or h.startswith(b"ipc") for h in ev[4][2])
-    assert len(warned) == 1 and "CUDA IPC" in warned[0] and "rank 2 could not map" in warned[0]
+        assert _events(ext, r) == [("create", r, "vmm"), ("connect", r), ("close", r),
+                                   ("create", r, "ipc"), ("connect", r)]
+        assert all(h == b"" or h.startswith(b"ipc") for h in _connects(ext, r)[-1])
+    assert len(warned) == 1 and "CUDA IPC" in warned[0] and "pidfd_getfd" in warned[0]
+
+
+@pytest.mark.parametrize("failure", [dict(fail_create={(1, "vmm")}), dict(fail_handle={1}),
+                                     dict(no_vmm_import={1}, connect_error=ValueError)])
+def test_buffer_memory_any_failure_falls_back(monkeypatch, failure):
+    """A rank whose VMM memory cannot be made, exported or mapped (whatever it
+    raises) still takes part: every rank ends on cudaMalloc memory."""
+    ext = FakeExt(**failure)
+    warned, errors = _connect_group(monkeypatch, 3, ext)
+    assert errors == {}
+    for r in range(3):
+        assert [e for e in _events(ext, r) if e[0] == "create"][-1] == ("create", r, "ipc")
+        assert all(h == b"" or h.startswith(b"ipc") for h in _connects(ext, r)[-1])
+        assert ("close", r) in _events(ext, r)
+    assert len(warned) == 1 and "rank 1" in warned[0]
+
+
+def test_buffer_memory_vmm_only_if_every_process_asks(monkeypatch):
+    ext = FakeExt()
+    assert _connect_group(monkeypatch, 3, ext, vmm=[True, False, True]) == ([], {})
+    for r in range(3):
+        assert _events(ext, r) == [("create", r, "ipc"), ("connect", r)]
 
 
 def test_buffer_memory_without_vmm(monkeypatch):
-    ext = FakeExt(no_vmm_import={0, 1})
-    assert _connect_group(monkeypatch, 2, ext, vmm=False) == []
-    assert all([e[0] for e in _events(ext, r)] == ["create", "connect"] for r in range(2))
-    assert all(e[2] == "ipc" for e in ext.log if e[0] == "create")
+    ext = FakeExt()
+    assert _connect_group(monkeypatch, 2, ext, vmm=False) == ([], {})
+    assert all(_events(ext, r) == [("create", r, "ipc"), ("connect", r)] for r in range(2))
+
+
+def test_buffer_memory_a_failed_cudamalloc_round_raises_everywhere(monkeypatch):
+    ext = FakeExt(fail_create={(0, "vmm"), (0, "ipc")})
+    warned, errors = _connect_group(monkeypatch, 3, ext)
+    assert sorted(errors) == [0, 1, 2]
+    assert all(isinstance(e, RuntimeError) and "cuMemCreate" in str(e) for e in errors.values())
 
 
 def test_buffer_memory_refuses_another_configuration(monkeypatch):
     ext = FakeExt()
-    monkeypatch.setattr(cuda_backend, "_ext", ext)
-    kv = KV()
-    kv.set("vmm/rank1", b"other|vmm:1")
-    buf = types.SimpleNamespace(buffer_id=7, name="b", num_ranks=2)
-    devs = [types.SimpleNamespace(local_hardware_id=r) for r in range(2)]
-    with pytest.raises(ValueError, match="rank 1"):
-        cuda_backend._connect_processes(buf, kv, devs, [devs[0]], [0, -1], b"cfg",
-                                        lambda d, v: ext.create(7, 0, 0, 2, vmm=v), True)
+    warned, errors = _connect_group(monkeypatch, 3, ext, config=lambda r: b"other" if r == 2 else b"cfg")
+    assert sorted(errors) == [0, 1, 2]
+    assert all(isinstance(e, ValueError) for e in errors.values())
+    assert "rank 2" in str(errors[0]) and "rank 0" in str(errors[2])
+    assert not any(e[0] == "connect" for e in ext.log)
 
 
 def test_buffer_vmm_wanted(monkeypatch):

@@ -122,7 +122,6 @@ def _check_nvshmem_group(buf, groups) -> None:
 
 def create_buffer(buf) -> Optional[NativeBuffer]:
     """Allocate, exchange and map the memory of `buf` for this process's devices."""
-    from .. import distributed
     from ..buffer import ROUTE_CHUNK
 
     chunk = getattr(_ext, "route_chunk", None)
@@ -141,6 +140,20 @@ def create_buffer(buf) -> Optional[NativeBuffer]:
                    buf.top_k, buf.dtype.name, buf.low_latency, buf.transport, buf.num_nodes)).encode()
     if buf.transport == "nvshmem":
         return _create_nvshmem(buf, groups, offsets, config, n)
+    try:
+        _create_groups(buf, groups, pid, offsets, config, n, mine, barriers)
+    except BaseException:
+        for dev in mine:  # nothing half-made stays registered
+            _ext.close(buf.buffer_id, dev)
+        raise
+    return NativeBuffer(buf.buffer_id, mine, (lambda: [b() for b in barriers]) if barriers else None)
+
+
+def _create_groups(buf, groups, pid, offsets, config: bytes, n: int, mine: list, barriers: list) -> None:
+    """create_buffer's body for the peer transport: fills `mine` (the CUDA ordinals
+    of this process's states, before they are made) and `barriers`."""
+    from .. import distributed
+
     for g, ranks in groups.items():
         local = [d for d in ranks if d.process_index == pid]
         if not local:
@@ -176,7 +189,6 @@ def create_buffer(buf) -> Optional[NativeBuffer]:
                            vmm=len(local) == 1 and _buffer_vmm_wanted())
         if len(local) == 1 and len(ranks) > 1 and buf.num_nodes == 1:
             _open_windows(buf, kv, local[0], ranks.index(local[0]), len(ranks))
-    return NativeBuffer(buf.buffer_id, mine, (lambda: [b() for b in barriers]) if barriers else None)
 
 
 def _buffer_vmm_wanted() -> bool:
@@ -188,48 +200,77 @@ def _connect_processes(buf, kv, ranks, local, local_devs, config: bytes, create,
     """Create this process's memory of a group that spans processes, exchange the
     handles through the KV store and map the peers.
 
-    With `vmm` the memory is one VMM allocation that the peers map after copying
-    its file descriptor (pidfd_getfd), as the windows do: in the normal-mode FP8
-    dispatch, which reads the peers' staging, it reads faster than cudaMalloc
-    memory shared by a CUDA IPC handle (performance.md, "The Buffer as a VMM
-    allocation"). If any rank cannot map any other's, every rank replaces it with
-    cudaMalloc memory and CUDA IPC handles (always mappable on one node); every
-    rank takes part in the agreement, so none waits for one that gave up.
+    With `vmm` (asked for by every process of the group) the memory is one VMM
+    allocation that the peers map after copying its file descriptor
+    (pidfd_getfd), as the windows do: the normal-mode FP8 dispatch, which reads
+    the peers' staging, reads it faster than cudaMalloc memory shared by a CUDA
+    IPC handle (performance.md, "The Buffer as a VMM allocation"). If any rank
+    cannot make, export or map it, every rank frees it and makes cudaMalloc
+    memory with CUDA IPC handles instead. Every rank takes part in every round
+    whatever happens (a failure is published, not swallowed), so none waits for
+    one that gave up; a failure of the cudaMalloc round raises on every rank.
     """
-    for kind in (("vmm", "ipc") if vmm else ("ipc",)):
-        for d in local:
-            create(d, kind == "vmm")
-            kv.set(f"{kind}/rank{ranks.index(d)}",
-                   config + b"|" + _ext.ipc_handle(buf.buffer_id, d.local_hardware_id))
-        handles = [b""] * len(ranks)
-        for r, d in enumerate(ranks):
-            if d not in local:
-                cfg, _, handle = kv.get(f"{kind}/rank{r}").partition(b"|")  # the raw handle may hold "|"
-                if cfg != config:
-                    raise _config_mismatch(buf, r, cfg, config)
-                handles[r] = handle
-        if kind == "ipc":
-            for d in local:
-                _ext.connect(buf.buffer_id, d.local_hardware_id, handles, local_devs)
-            return
+    mine = [ranks.index(d) for d in local]
+    size = len(ranks)
+
+    def everyone(key: str, value: bytes) -> list:
+        for r in mine:
+            kv.set(f"{key}/{r}", value)
+        return [kv.get(f"{key}/{r}") for r in range(size)]
+
+    def exchange(kind: str):
+        """Make this process's memory and swap handles: (handles, why not)."""
         why = ""
+        recs = {}
         try:
             for d in local:
-                _ext.connect(buf.buffer_id, d.local_hardware_id, handles, local_devs)
-        except RuntimeError as e:  # pidfd_getfd not permitted, or the driver refused
-            why = str(e)
-        for d in local:
-            kv.set(f"vmm_ok/{ranks.index(d)}", b"0" if why else b"1")
-        oks = [kv.get(f"vmm_ok/{r}") == b"1" for r in range(len(ranks))]
-        if all(oks):
+                create(d, kind == "vmm")
+                recs[ranks.index(d)] = config + b"|" + _ext.ipc_handle(buf.buffer_id, d.local_hardware_id)
+        except Exception as e:  # noqa: BLE001 -- published below, so that nobody waits
+            why = f"rank {mine[0]}: {e}"
+        for r in mine:
+            kv.set(f"{kind}/rank{r}", recs.get(r) or b"!" + why.encode())
+        handles = [b""] * size
+        for r in range(size):
+            if r in mine:
+                continue
+            got = kv.get(f"{kind}/rank{r}")
+            if got.startswith(b"!"):
+                why = why or got[1:].decode(errors="replace")
+                continue
+            cfg, _, handle = got.partition(b"|")  # the raw handle may hold "|"
+            if cfg != config:
+                raise _config_mismatch(buf, r, cfg, config)  # every rank sees a mismatch: all raise
+            handles[r] = handle
+        return handles, why
+
+    def connect(handles, why: str, kind: str) -> str:
+        if not why:
+            try:
+                for d in local:
+                    _ext.connect(buf.buffer_id, d.local_hardware_id, handles, local_devs)
+            except Exception as e:  # noqa: BLE001 -- pidfd_getfd not permitted, the driver refused
+                why = f"rank {mine[0]}: {e}"
+        oks = everyone(f"{kind}_ok", b"1" if not why else b"!" + why.encode())
+        bad = [o for o in oks if o != b"1"]
+        return why or (bad[0][1:].decode(errors="replace") if bad else "")
+
+    if all(w == b"1" for w in everyone("vmm_wish", b"1" if vmm else b"0")):
+        why = connect(*exchange("vmm"), "vmm")
+        if not why:
+            for d in local:  # every peer holds its own copy of the descriptor now
+                _ext.close_export(buf.buffer_id, d.local_hardware_id)
             return
-        for d in local:  # what this rank mapped goes with it
+        for d in local:  # this rank's memory and its mappings of the others'
             _ext.close(buf.buffer_id, d.local_hardware_id)
-        if ranks.index(local[0]) == 0:
+        everyone("vmm_closed", b"1")  # every VMM allocation is freed before the next is made
+        if 0 in mine:
             warnings.warn(f"jax_ep: Buffer {buf.name!r} uses cudaMalloc memory and CUDA IPC handles "
-                          f"({why or f'rank {oks.index(False)} could not map the others'}); its FP8 "
-                          "dispatch reads the peers' staging slower (see docs/troubleshooting.md)",
-                          stacklevel=4)
+                          f"({why}); its FP8 dispatch reads the peers' staging slower (see "
+                          "docs/troubleshooting.md)", stacklevel=4)
+    why = connect(*exchange("ipc"), "ipc")
+    if why:
+        raise RuntimeError(f"jax_ep: Buffer {buf.name!r} could not map its peers' memory ({why})")
 
 
 def _windows_wanted() -> bool:
