@@ -140,6 +140,33 @@ int copy_fd(int64_t pid, int64_t fd, const char** step) {
   return out;
 }
 
+// Map, readable and writable by `device`, the allocation that rank `r`'s process
+// exported as `rec` (its descriptor copied with pidfd_getfd): the address here and
+// `*handle`, or 0 with `*why` set and nothing left open.
+CUdeviceptr import_record(const Driver& d, const WindowRecord& rec, int device, int r, const char* what,
+                          CUmemGenericAllocationHandle* handle, std::string* why) {
+  const char* step = "";
+  const int fd = copy_fd(rec.pid, rec.fd, &step);
+  if (fd < 0) {
+    // EPERM: ptrace rights over that process are missing (Yama's ptrace_scope,
+    // a container's seccomp profile).
+    *why = std::string(step) + " of rank " + std::to_string(r) + "'s process failed: " + std::strerror(errno);
+    return 0;
+  }
+  CUmemGenericAllocationHandle h = 0;
+  const CUresult ri = d.import_fd(&h, reinterpret_cast<void*>(static_cast<uintptr_t>(fd)),
+                                  CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR);
+  close(fd);
+  const CUdeviceptr va = ri == CUDA_SUCCESS ? map_handle(d, h, rec.size, device) : 0;
+  if (va == 0) {
+    if (ri == CUDA_SUCCESS) d.release(h);
+    *why = "mapping rank " + std::to_string(r) + "'s " + what + " failed";
+    return 0;
+  }
+  *handle = h;
+  return va;
+}
+
 void gpu_uuid(int device, char (&out)[16]) {
   cudaDeviceProp p{};
   std::memset(out, 0, sizeof(out));
@@ -331,20 +358,10 @@ void BufferState::connect(const std::vector<std::string>& handles,
       const Driver& d = driver();
       if (!d.ok) throw CudaError("jax_ep: rank " + std::to_string(r) + "'s Buffer is a VMM allocation, and "
                                  "this process's CUDA driver lacks the VMM calls");
-      const char* step = "";
-      const int fd = copy_fd(rec.pid, rec.fd, &step);
-      if (fd < 0)
-        throw CudaError(std::string("jax_ep: ") + step + " of rank " + std::to_string(r) +
-                        "'s process failed: " + std::strerror(errno));
       CUmemGenericAllocationHandle h = 0;
-      const CUresult ri = d.import_fd(&h, reinterpret_cast<void*>(static_cast<uintptr_t>(fd)),
-                                      CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR);
-      close(fd);
-      const CUdeviceptr va = ri == CUDA_SUCCESS ? map_handle(d, h, rec.size, device_) : 0;
-      if (va == 0) {
-        if (ri == CUDA_SUCCESS) d.release(h);
-        throw CudaError("jax_ep: mapping rank " + std::to_string(r) + "'s VMM Buffer failed");
-      }
+      std::string why;
+      const CUdeviceptr va = import_record(d, rec, device_, r, "VMM Buffer", &h, &why);
+      if (va == 0) throw CudaError("jax_ep: " + why);
       vmm_maps_.push_back({va, rec.size, h});
       g_open_mappings.fetch_add(1);
       peers_[r] = reinterpret_cast<char*>(va);
@@ -421,23 +438,9 @@ bool BufferState::import_windows(const std::vector<std::string>& records, std::s
     WindowRecord rec;
     std::memcpy(&rec, records[r].data(), sizeof(rec));
     // The descriptor lives in the other process: take a copy of it.
-    const char* step = "";
-    const int fd = copy_fd(rec.pid, rec.fd, &step);
-    if (fd < 0) {
-      // EPERM: ptrace rights over that process are missing (Yama's ptrace_scope,
-      // a container's seccomp profile).
-      *why = std::string(step) + " of rank " + std::to_string(r) + "'s process failed: " + std::strerror(errno);
-      drop_windows();
-      return false;
-    }
     CUmemGenericAllocationHandle h = 0;
-    const CUresult ri = d.import_fd(&h, reinterpret_cast<void*>(static_cast<uintptr_t>(fd)),
-                                    CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR);
-    close(fd);
-    const CUdeviceptr va = ri == CUDA_SUCCESS ? map_handle(d, h, rec.size, device_) : 0;
+    const CUdeviceptr va = import_record(d, rec, device_, r, "window", &h, why);
     if (va == 0) {
-      if (ri == CUDA_SUCCESS) d.release(h);
-      *why = "mapping rank " + std::to_string(r) + "'s window failed";
       drop_windows();
       return false;
     }

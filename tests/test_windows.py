@@ -29,18 +29,23 @@ class KV:
             return self.data[key]
 
 
+def _ranks(size, body):
+    """body(r) on `size` threads at once; fails if any still waits after 30 s."""
+    threads = [threading.Thread(target=body, args=(r,)) for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads), "a rank is still waiting"
+
+
 def _run(size, export_of, import_of):
     kv, out = KV(), [None] * size
 
     def rank(r):
         out[r] = cuda_backend.exchange_windows(kv, r, size, export_of(r), import_of(r))
 
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(size)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert not any(t.is_alive() for t in threads), "a rank is still waiting"
+    _ranks(size, rank)
     return out
 
 
@@ -180,12 +185,7 @@ def _connect_group(monkeypatch, size, ext, vmm=True, config=lambda r: b"cfg"):
         except Exception as e:  # noqa: BLE001
             errors[r] = e
 
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(size)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert not any(t.is_alive() for t in threads), "a rank is still waiting"
+    _ranks(size, rank)
     return warned, errors
 
 
