@@ -100,10 +100,9 @@ NB_MODULE(_ext, m) {
       [](uint64_t id, int device, int rank, int nranks, int max_tokens, nb::dict offsets,
          double timeout_s, int transport, int num_nodes, bool vmm) {
         const size_t total = nb::cast<size_t>(offsets["total"]);
-        return jax_ep::add_state(std::make_unique<BufferState>(id, device, rank, nranks, max_tokens, total,
-                                                               offsets_from(offsets), timeout_s, transport,
-                                                               num_nodes, vmm))
-            ->vmm();
+        jax_ep::add_state(std::make_unique<BufferState>(id, device, rank, nranks, max_tokens, total,
+                                                        offsets_from(offsets), timeout_s, transport,
+                                                        num_nodes, vmm));
       },
       nb::arg("buffer_id"), nb::arg("device"), nb::arg("rank"), nb::arg("nranks"),
       nb::arg("max_tokens"), nb::arg("offsets"), nb::arg("timeout_s"), nb::arg("transport") = 0,
@@ -115,7 +114,7 @@ NB_MODULE(_ext, m) {
       "nodes by puts only (NVSHMEM puts, or on the peer transport stores through peer "
       "pointers). vmm (peer transport): a VMM allocation that the peers map through a "
       "copy of its file descriptor, where the driver allows (else cudaMalloc and a CUDA IPC "
-      "handle); returns whether it is one.");
+      "handle; describe() says which).");
 
   m.def(
       "ipc_handle",

@@ -7,7 +7,6 @@
 #include <atomic>
 #include <chrono>
 #include <cstdio>
-#include <cstdlib>
 #include <cerrno>
 #include <cstring>
 #include <type_traits>
@@ -107,6 +106,13 @@ struct WindowRecord {
   int64_t pid, fd;
   uint64_t base, size;
 };
+
+// The record that lets another process map this process's allocation [base, base + size)
+// exported as descriptor `fd`.
+std::string record_bytes(int fd, uint64_t base, uint64_t size) {
+  const WindowRecord rec{static_cast<int64_t>(getpid()), fd, base, size};
+  return std::string(reinterpret_cast<const char*>(&rec), sizeof(rec));
+}
 
 // Map `size` bytes of an allocation handle at a new address, readable and
 // writable by `device`; 0 on failure (nothing left mapped).
@@ -221,8 +227,7 @@ BufferState::BufferState(uint64_t id, int device, int rank, int nranks, int max_
           const CUdeviceptr va = map_handle(d, h, size, device);
           if (va != 0) {
             base_ = reinterpret_cast<char*>(va);
-            vmm_handle_ = h;
-            vmm_size_ = size;
+            own_ = {va, size, h};
           } else {
             d.release(h);
           }
@@ -270,11 +275,8 @@ BufferState::~BufferState() {
   drop_windows();
   for (char* p : opened_)
     if (cudaIpcCloseMemHandle(p) == cudaSuccess) g_open_mappings.fetch_sub(1);
-  const Driver& d = driver();
   for (const Mapping& m : vmm_maps_) {
-    d.unmap(m.va, m.size);
-    d.free_va(m.va, m.size);
-    d.release(m.handle);
+    release(m);
     g_open_mappings.fetch_sub(1);
   }
   if (transport_ == kTransportNvshmem && base_ != nullptr) {
@@ -288,11 +290,7 @@ BufferState::~BufferState() {
 void BufferState::free_memory() {
   if (base_ != nullptr && transport_ != kTransportNvshmem) {
     if (vmm_) {
-      const Driver& d = driver();
-      const CUdeviceptr va = reinterpret_cast<CUdeviceptr>(base_);
-      d.unmap(va, vmm_size_);
-      d.free_va(va, vmm_size_);
-      d.release(vmm_handle_);
+      release(own_);
     } else {
       cudaFree(base_);
     }
@@ -303,6 +301,13 @@ void BufferState::free_memory() {
   fault_host_ = nullptr;
 }
 
+void BufferState::release(const Mapping& m) {
+  const Driver& d = driver();
+  d.unmap(m.va, m.size);
+  d.free_va(m.va, m.size);
+  d.release(m.handle);
+}
+
 void BufferState::close_export() {
   if (vmm_fd_ >= 0) close(vmm_fd_);
   vmm_fd_ = -1;
@@ -311,15 +316,14 @@ void BufferState::close_export() {
 std::string BufferState::ipc_handle() {
   char gpu[16];
   gpu_uuid(device_, gpu);
-  if (vmm_) {  // pid, descriptor, base and size; the descriptor stays open while the Buffer lives
+  if (vmm_) {  // pid, descriptor, base and size; the descriptor stays open until close_export()
     if (vmm_fd_ < 0) {
       int fd = -1;
-      if (driver().export_fd(&fd, vmm_handle_, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0) != CUDA_SUCCESS)
+      if (driver().export_fd(&fd, own_.handle, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0) != CUDA_SUCCESS)
         throw CudaError("jax_ep: exporting the Buffer's VMM allocation failed");
       vmm_fd_ = fd;
     }
-    const WindowRecord rec{static_cast<int64_t>(getpid()), vmm_fd_, reinterpret_cast<uint64_t>(base_), vmm_size_};
-    return std::string(reinterpret_cast<const char*>(&rec), sizeof(rec)) + std::string(gpu, sizeof(gpu));
+    return record_bytes(vmm_fd_, own_.va, own_.size) + std::string(gpu, sizeof(gpu));
   }
   cudaIpcMemHandle_t h;
   check_cuda(cudaIpcGetMemHandle(&h, base_), "cudaIpcGetMemHandle");
@@ -415,8 +419,7 @@ std::string BufferState::export_window(uint64_t ptr) {
   win_fd_ = fd;
   win_base_ = base;
   win_size_ = size;
-  const WindowRecord rec{static_cast<int64_t>(getpid()), fd, base, size};
-  return std::string(reinterpret_cast<const char*>(&rec), sizeof(rec));
+  return record_bytes(fd, base, size);
 }
 
 bool BufferState::import_windows(const std::vector<std::string>& records, std::string* why) {
@@ -460,12 +463,7 @@ void BufferState::enable_window(bool on) {
 }
 
 void BufferState::drop_windows() {
-  const Driver& d = driver();
-  for (const Mapping& m : win_maps_) {
-    d.unmap(m.va, m.size);
-    d.free_va(m.va, m.size);
-    d.release(m.handle);
-  }
+  for (const Mapping& m : win_maps_) release(m);
   win_maps_.clear();
   win_delta_.clear();
   window_ = false;

@@ -36,7 +36,7 @@ class BufferState {
 
   // What to hand to the other processes of the group: the 64-byte CUDA IPC handle
   // (cudaMalloc) or the 32-byte record of the VMM allocation (pid, descriptor,
-  // base, size; the descriptor stays open while the Buffer lives), then the
+  // base, size; the descriptor stays open until close_export()), then the
   // GPU's 16-byte UUID.
   std::string ipc_handle();
   // Close the descriptor ipc_handle() exported, once every peer has mapped the
@@ -97,16 +97,18 @@ class BufferState {
   char* base_ = nullptr;
   std::vector<char*> peers_;
   std::vector<char*> opened_;  // IPC mappings to close
+  struct Mapping {  // a VMM allocation mapped at va
+    uint64_t va, size, handle;
+  };
+  // Unmap, free the address range and drop the handle's reference.
+  static void release(const Mapping& m);
   // A VMM allocation shared by a POSIX descriptor (create(vmm=True)), else
   // cudaMalloc shared by a CUDA IPC handle.
   bool vmm_ = false;
-  uint64_t vmm_handle_ = 0, vmm_size_ = 0;
-  int vmm_fd_ = -1;  // this rank's exported descriptor, open while the Buffer lives
+  Mapping own_{};    // with vmm_: this rank's allocation (va == base_)
+  int vmm_fd_ = -1;  // this rank's exported descriptor, until close_export()
   bool connected_ = false;
   bool shares_gpu_ = false;  // every rank connect() mapped is on this rank's GPU
-  struct Mapping {
-    uint64_t va, size, handle;
-  };
   void drop_windows();
   uint64_t win_base_ = 0, win_size_ = 0;
   int win_fd_ = -1;                // this rank's exported descriptor, closed on enable

@@ -147,7 +147,6 @@ class FakeExt:
         if (dev, kind) in self.fail_create:
             raise RuntimeError(f"jax_ep: cuMemCreate of the Buffer failed on {dev}")
         self.kind[dev] = kind
-        return vmm
 
     def ipc_handle(self, buffer_id, dev):
         if dev in self.fail_handle and self.kind[dev] == "vmm":
@@ -179,7 +178,7 @@ def _connect_group(monkeypatch, size, ext, vmm=True, config=lambda r: b"cfg"):
 
     def rank(r):
         def create(d, v):
-            return ext.create(7, d.local_hardware_id, r, size, v, vmm=v)
+            ext.create(7, d.local_hardware_id, r, size, v, vmm=v)
         try:
             cuda_backend._connect_processes(buf, kv, devs, [devs[r]], [-1] * size, config(r), create, wants[r])
         except Exception as e:  # noqa: BLE001

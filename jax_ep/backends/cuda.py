@@ -160,9 +160,9 @@ def _create_groups(buf, groups, pid, offsets, config: bytes, n: int, mine: list,
             continue
 
         def create(d, vmm, ranks=ranks):
-            return _ext.create(buf.buffer_id, d.local_hardware_id, ranks.index(d), len(ranks),
-                               buf.max_tokens_per_rank, offsets, timeout_s(), _TRANSPORTS["peer"],
-                               buf.num_nodes, vmm=vmm)
+            _ext.create(buf.buffer_id, d.local_hardware_id, ranks.index(d), len(ranks),
+                        buf.max_tokens_per_rank, offsets, timeout_s(), _TRANSPORTS["peer"],
+                        buf.num_nodes, vmm=vmm)
 
         mine += [d.local_hardware_id for d in local]
         local_devs = [d.local_hardware_id if d.process_index == pid else -1 for d in ranks]
@@ -214,9 +214,7 @@ def _connect_processes(buf, kv, ranks, local, local_devs, config: bytes, create,
     size = len(ranks)
 
     def everyone(key: str, value: bytes) -> list:
-        for r in mine:
-            kv.set(f"{key}/{r}", value)
-        return [kv.get(f"{key}/{r}") for r in range(size)]
+        return _all_publish(kv, key, mine, size, value)
 
     def exchange(kind: str):
         """Make this process's memory and swap handles: (handles, why not)."""
@@ -273,6 +271,14 @@ def _connect_processes(buf, kv, ranks, local, local_devs, config: bytes, create,
         raise RuntimeError(f"jax_ep: Buffer {buf.name!r} could not map its peers' memory ({why})")
 
 
+def _all_publish(kv, key: str, mine, size: int, value: bytes) -> list:
+    """One round of an agreement: `value` under `key/r` for each of this process's
+    ranks `mine`, then every rank's value, in rank order (waits for all `size`)."""
+    for r in mine:
+        kv.set(f"{key}/{r}", value)
+    return [kv.get(f"{key}/{r}") for r in range(size)]
+
+
 def _windows_wanted() -> bool:
     """JAX_EP_WINDOWS unset or not 0, and XLA's pool made at start-up: a pool that
     grows (XLA_PYTHON_CLIENT_PREALLOCATE=false, or the "platform" allocator) may give
@@ -325,8 +331,7 @@ def exchange_windows(kv, rank: int, size: int, export, import_):
         rec, err = b"", e
     else:
         err = None
-    kv.set(f"window/{rank}", rec or b"-")
-    recs = [kv.get(f"window/{r}") for r in range(size)]
+    recs = _all_publish(kv, "window", [rank], size, rec or b"-")
     if b"-" in recs:
         q = recs.index(b"-")
         ok, why = False, (f"exporting failed: {err}" if q == rank and err is not None else
@@ -336,8 +341,7 @@ def exchange_windows(kv, rank: int, size: int, export, import_):
             ok, why = import_(recs)
         except Exception as e:  # noqa: BLE001
             ok, why = False, f"mapping failed: {e}"
-    kv.set(f"window_ok/{rank}", b"1" if ok else b"0")
-    oks = [kv.get(f"window_ok/{r}") == b"1" for r in range(size)]
+    oks = [o == b"1" for o in _all_publish(kv, "window_ok", [rank], size, b"1" if ok else b"0")]
     if all(oks):
         return True, ""
     return False, why if not ok else f"rank {oks.index(False)} could not map the others' memory"

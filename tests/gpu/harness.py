@@ -76,17 +76,10 @@ def buffer(hidden: int = 256, tokens: int = 128, experts: int = 32, top_k: int =
 def buffer_with_env(name: str, env: Dict[str, str], **kw) -> jax_ep.Buffer:
     """A Buffer made while the environment variables `env` are set (restored after)."""
     import os
+    from unittest import mock
 
-    before = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with mock.patch.dict(os.environ, env):
         return jax_ep.Buffer(gpu_mesh(), AXIS, name=name, **kw)
-    finally:
-        for k, v in before.items():
-            if v is None:
-                del os.environ[k]
-            else:
-                os.environ[k] = v
 
 
 def copying_buffer(name: str, **kw) -> jax_ep.Buffer:
